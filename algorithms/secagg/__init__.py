@@ -1,0 +1,1 @@
+"""SecAgg+ secure aggregation: pure, typed protocol functions and state machines."""

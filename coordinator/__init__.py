@@ -1,0 +1,1 @@
+"""The coordinator service: gRPC server, job scheduler, store and blob store."""

@@ -1,0 +1,1 @@
+"""Generated protobuf modules for package ``wharf.v1`` (see ``wharf.proto`` build script)."""
