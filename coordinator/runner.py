@@ -1,0 +1,429 @@
+"""Running one job: wait for nodes, prepare the model, run rounds, finish.
+
+One :class:`JobRunner` thread per active job. Everything it decides is
+written to the store before it moves on, so a coordinator restarted at any
+point picks the job up at its last completed round (see ``Store.complete_round``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wharf import bundle as bundle_mod
+from wharf import spec as spec_mod
+from wharf.algorithms import models, strategies, training
+from wharf.coordinator.blobs import BlobStore
+from wharf.coordinator.sessions import NodeSession, SessionRegistry
+from wharf.coordinator.store import Store
+from wharf.coordinator.tasks import ResultRejected, RoundCollector, TaskBroker, TaskResult
+from wharf.proto import wharf_pb2 as pb
+
+log = logging.getLogger("wharf.coordinator")
+
+
+class JobFailed(Exception):
+    """The job cannot continue; the message is the reason shown to the developer."""
+
+
+class RoundFailed(Exception):
+    """This round attempt failed; it may be retried."""
+
+
+class JobCancelled(Exception):
+    """The developer cancelled the job."""
+
+
+@dataclass
+class Context:
+    """What every runner shares."""
+
+    store: Store
+    blobs: BlobStore
+    sessions: SessionRegistry
+    broker: TaskBroker
+    poll_s: float = 0.5
+
+
+def load_weights_blob(blobs: BlobStore, sha: str) -> dict[str, np.ndarray]:
+    if not sha:
+        return {}
+    return models.weights_from_bytes(blobs.get_bytes(sha))
+
+
+def metrics_summary(results: list[TaskResult]) -> dict[str, float]:
+    """Example-weighted round metrics from the sums nodes report."""
+    n = sum(r.num_examples for r in results)
+    sums: Counter[str] = Counter()
+    for r in results:
+        sums.update(r.metrics)
+    out: dict[str, float] = {"num_examples": float(n), "nodes": float(len(results))}
+    if n:
+        out["train_loss"] = sums["train_loss_sum"] / n
+    if sums["eval_count"]:
+        out["global_loss"] = sums["eval_loss_sum"] / sums["eval_count"]
+        out["global_accuracy"] = sums["eval_correct"] / sums["eval_count"]
+    return out
+
+
+class JobRunner(threading.Thread):
+    """Drives one job to a terminal state."""
+
+    def __init__(self, ctx: Context, job_id: str, on_exit: Callable[[str], None]) -> None:
+        super().__init__(name=f"job-{job_id[:8]}", daemon=True)
+        self.ctx = ctx
+        self.job_id = job_id
+        self.cancelled = threading.Event()
+        self.stopping = threading.Event()
+        self._on_exit = on_exit
+        self._participants: set[str] = set()
+        job = ctx.store.get_job(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        self.spec = spec_mod.from_json(job.spec_json)
+        self.job_hash = job.job_hash
+        self.bundle_sha = job.bundle_sha
+
+    # -- lifecycle -------------------------------------------------------------
+    def run(self) -> None:
+        store = self.ctx.store
+        try:
+            self._run()
+        except JobCancelled:
+            log.info("job %s cancelled", self.job_id)
+        except JobFailed as exc:
+            store.set_state(self.job_id, "failed", str(exc))
+        except _Stopping:
+            log.info("job %s paused for coordinator shutdown", self.job_id)
+            return
+        except Exception as exc:
+            log.exception("job %s crashed", self.job_id)
+            store.set_state(self.job_id, "failed", f"internal error: {exc}")
+        finally:
+            self._on_exit(self.job_id)
+        self._end_job()
+
+    def stop(self) -> None:
+        """Coordinator shutdown: leave the job as it is in the store."""
+        self.stopping.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _check(self) -> None:
+        if self.stopping.is_set():
+            raise _Stopping
+        if self.cancelled.is_set():
+            raise JobCancelled
+
+    def _run(self) -> None:
+        store = self.ctx.store
+        job = store.get_job(self.job_id)
+        assert job is not None
+        if job.state == "pending_grants":
+            self._wait_for_nodes(self.spec.federation.min_nodes, self.spec.federation.wait_for_nodes_s)
+            if not store.set_state(self.job_id, "running"):
+                raise JobCancelled
+        job = store.get_job(self.job_id)
+        assert job is not None
+        if not job.model_sha:
+            self._prepare_initial_model()
+        fed = self.spec.federation
+        while True:
+            job = store.get_job(self.job_id)
+            assert job is not None
+            if job.state != "running":
+                raise JobCancelled
+            rnd = job.rounds_completed + 1
+            if rnd > fed.rounds:
+                break
+            for attempt in range(fed.max_round_retries + 1):
+                self._check()
+                try:
+                    self._run_round(rnd, attempt, job.model_sha, job.strategy_state_sha)
+                    break
+                except RoundFailed as exc:
+                    store.fail_round(self.job_id, rnd, str(exc))
+                    if attempt == fed.max_round_retries:
+                        raise JobFailed(
+                            f"round {rnd} failed {attempt + 1} times; last reason: {exc}"
+                        ) from None
+                    self._wait_for_nodes(fed.min_nodes, fed.wait_for_nodes_s, quiet=True)
+        store.set_state(self.job_id, "completed")
+
+    def _end_job(self) -> None:
+        for name in sorted(self._participants):
+            self.ctx.sessions.send(
+                name,
+                pb.Task(task_id=uuid.uuid4().hex, job_id=self.job_id, kind=pb.TASK_END_JOB),
+            )
+
+    # -- node selection ----------------------------------------------------------
+    def _eligible(self) -> list[NodeSession]:
+        nodes = self.ctx.sessions.holding(self.spec.data.dataset)
+        if not nodes:
+            return []
+        # Nodes must agree on the feature layout; keep the most common one.
+        def layout(s: NodeSession) -> str:
+            meta = s.datasets[self.spec.data.dataset]
+            feats = list(self.spec.data.features) or list(meta.get("features", []))
+            return repr((feats, list(meta.get("feature_shape", []))))
+
+        common, _ = Counter(layout(s) for s in nodes).most_common(1)[0]
+        chosen = [s for s in nodes if layout(s) == common]
+        if self.spec.data.features:
+            wanted = set(self.spec.data.features)
+            chosen = [
+                s for s in chosen
+                if wanted <= set(s.datasets[self.spec.data.dataset].get("features", []))
+            ]
+        if self.spec.federation.max_nodes:
+            chosen = chosen[: self.spec.federation.max_nodes]
+        return chosen
+
+    def _wait_for_nodes(self, need: int, timeout: float, quiet: bool = False) -> list[NodeSession]:
+        deadline = time.time() + timeout
+        announced = quiet
+        while True:
+            self._check()
+            nodes = self._eligible()
+            if len(nodes) >= need:
+                return nodes
+            if time.time() >= deadline:
+                raise JobFailed(
+                    f"only {len(nodes)} of the {need} required nodes holding dataset "
+                    f"'{self.spec.data.dataset}' came online within {timeout:.0f} s"
+                )
+            if not announced:
+                self.ctx.store.add_event(
+                    self.job_id, "message",
+                    message=f"waiting for {need} nodes holding '{self.spec.data.dataset}' "
+                    f"({len(nodes)} online)",
+                )
+                announced = True
+            time.sleep(self.ctx.poll_s)
+
+    # -- model preparation -------------------------------------------------------
+    def _input_shape(self, nodes: list[NodeSession]) -> tuple[int, ...]:
+        if self.spec.model.input_shape:
+            return tuple(self.spec.model.input_shape)
+        if self.spec.data.features:
+            return (len(self.spec.data.features),)
+        meta = nodes[0].datasets[self.spec.data.dataset]
+        return tuple(int(d) for d in meta["feature_shape"])
+
+    def _prepare_initial_model(self) -> None:
+        """Build round-0 weights; standardise features from federated moments."""
+        nodes = self._wait_for_nodes(
+            self.spec.federation.min_nodes, self.spec.federation.wait_for_nodes_s, quiet=True
+        )
+        m = self.spec.model
+        if self.spec.uses_bundle:
+            files = bundle_mod.list_files(self.ctx.blobs.get_bytes(self.bundle_sha))
+            weights = models.weights_from_bytes(files[bundle_mod.INITIAL_WEIGHTS])
+        else:
+            shape = self._input_shape(nodes)
+            net = models.init_model(
+                m.kind, shape, m.num_classes, {"hidden": list(m.hidden)}, self.spec.training.seed
+            )
+            if m.standardize:
+                mean, std = self._federated_moments(shape)
+                models.set_standardization(net, mean, std)
+            weights = models.model_to_arrays(net)
+        ref = self.ctx.blobs.put_bytes(models.weights_to_bytes(weights))
+        self.ctx.store.set_initial_model(self.job_id, ref.sha256, ref.size)
+
+    def _federated_moments(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Round 0: every node reports per-feature sums; only totals are used."""
+        fed = self.spec.federation
+        for attempt in range(fed.max_round_retries + 1):
+            self._check()
+            nodes = self._wait_for_nodes(fed.min_nodes, fed.wait_for_nodes_s, quiet=True)
+
+            def validate(result: TaskResult) -> object:
+                arrays = _read_arrays(result)
+                for key in ("sum", "sumsq"):
+                    if key not in arrays or arrays[key].shape != shape:
+                        raise ResultRejected(f"moments must carry '{key}' of shape {shape}")
+                    if not np.all(np.isfinite(arrays[key])):
+                        raise ResultRejected(f"moments '{key}' contain NaN or Inf")
+                if result.num_examples <= 0:
+                    raise ResultRejected("moments need a positive example count")
+                return arrays
+
+            results = self._dispatch(0, attempt, pb.TASK_STATS, nodes, "", validate)
+            ok = [r for r in results if r.ok]
+            if len(ok) >= fed.min_nodes:
+                total = sum(np.asarray(r.payload["sum"], np.float64) for r in ok)  # type: ignore[index]
+                total_sq = sum(np.asarray(r.payload["sumsq"], np.float64) for r in ok)  # type: ignore[index]
+                count = sum(r.num_examples for r in ok)
+                self.ctx.store.add_event(
+                    self.job_id, "message",
+                    message=f"feature statistics from {len(ok)} nodes ({count} rows)",
+                )
+                return training.moments_to_standardization(total, total_sq, count)
+            reason = _shortfall(results, fed.min_nodes)
+            self.ctx.store.add_event(self.job_id, "message", message=f"statistics round: {reason}")
+        raise JobFailed(f"could not compute feature statistics: {reason}")
+
+    # -- rounds ------------------------------------------------------------------
+    def _dispatch(
+        self,
+        rnd: int,
+        attempt: int,
+        kind: int,
+        nodes: list[NodeSession],
+        model_sha: str,
+        validator: Callable[[TaskResult], object],
+    ) -> list[TaskResult]:
+        """Send one task per node, wait for answers until the round deadline."""
+        ctx = self.ctx
+        fed = self.spec.federation
+        deadline = time.time() + fed.round_timeout_s
+        model_ref = ctx.blobs.ref(model_sha) if model_sha else pb.BlobRef()
+        bundle_ref = ctx.blobs.ref(self.bundle_sha) if self.bundle_sha else pb.BlobRef()
+        assignment = {uuid.uuid4().hex: s.name for s in nodes}
+        collector = RoundCollector(assignment, validator)
+        ctx.broker.register(collector, self.job_id, kind, assignment)
+        kind_name = pb.TaskKind.Name(kind)
+        try:
+            for task_id, name in assignment.items():
+                ctx.store.create_task(
+                    task_id=task_id, job_id=self.job_id, rnd=rnd, attempt=attempt, node=name,
+                    kind=kind_name,
+                )
+                self._participants.add(name)
+                task = pb.Task(
+                    task_id=task_id, job_id=self.job_id, round=rnd, kind=kind,
+                    job_spec_json=self.spec.canonical_json(), job_hash=self.job_hash,
+                    model=model_ref, bundle=bundle_ref, dataset=self.spec.data.dataset,
+                    deadline_unix=deadline, secure=False,
+                )
+                if not ctx.sessions.send(name, task):
+                    collector.node_lost(name)
+            # A node that disconnects now fails its task at once.
+            for name in assignment.values():
+                if ctx.sessions.get(name) is None:
+                    collector.node_lost(name)
+            collector.wait(deadline, self.cancelled)
+            self._check()
+            results = []
+            for task_id, name in assignment.items():
+                r = collector.results.get(task_id) or TaskResult(
+                    task_id=task_id, node=name, ok=False,
+                    error=f"no answer within {fed.round_timeout_s:.0f} s",
+                )
+                ctx.store.finish_task(
+                    task_id, ok=r.ok, error=r.error, result_sha=r.blob_sha,
+                    num_examples=r.num_examples,
+                )
+                if not r.ok:
+                    ctx.store.add_event(
+                        self.job_id, "node_dropped", round=rnd,
+                        message=f"{name}: {r.error}",
+                    )
+                results.append(r)
+            return results
+        finally:
+            ctx.broker.unregister(list(assignment))
+
+    def _run_round(self, rnd: int, attempt: int, model_sha: str, state_sha: str) -> None:
+        ctx = self.ctx
+        fed = self.spec.federation
+        nodes = self._eligible()
+        if len(nodes) < fed.min_nodes:
+            raise RoundFailed(
+                f"only {len(nodes)} eligible nodes online, {fed.min_nodes} required"
+            )
+        global_weights = load_weights_blob(ctx.blobs, model_sha)
+        layout = {k: v.shape for k, v in global_weights.items()}
+        ctx.store.start_round(self.job_id, rnd, attempt, [s.name for s in nodes])
+
+        def validate(result: TaskResult) -> object:
+            delta = _read_arrays(result)
+            if set(delta) != set(layout):
+                raise ResultRejected("update tensors do not match the model's tensors")
+            for k, arr in delta.items():
+                if arr.shape != layout[k]:
+                    raise ResultRejected(
+                        f"update tensor {k!r} has shape {arr.shape}, expected {layout[k]}"
+                    )
+                if not np.all(np.isfinite(arr)):
+                    raise ResultRejected(f"update tensor {k!r} contains NaN or Inf")
+            if result.num_examples <= 0:
+                raise ResultRejected("an update must report a positive number of examples")
+            for k, v in result.metrics.items():
+                if not np.isfinite(v):
+                    raise ResultRejected(f"metric {k!r} is not finite")
+            return delta
+
+        results = self._dispatch(rnd, attempt, pb.TASK_TRAIN, nodes, model_sha, validate)
+        try:
+            ok = [r for r in results if r.ok]
+            if len(ok) < fed.min_nodes:
+                raise RoundFailed(_shortfall(results, fed.min_nodes))
+            avg = strategies.weighted_average(
+                [(r.payload, r.num_examples) for r in ok]  # type: ignore[misc]
+            )
+            new_weights, new_state = self._apply_strategy(global_weights, avg, state_sha, rnd)
+            model_ref = ctx.blobs.put_bytes(models.weights_to_bytes(new_weights))
+            state_ref_sha = (
+                ctx.blobs.put_bytes(models.weights_to_bytes(new_state)).sha256 if new_state else ""
+            )
+            self._check()
+            ctx.store.complete_round(
+                self.job_id, rnd, model_sha=model_ref.sha256, model_size=model_ref.size,
+                strategy_state_sha=state_ref_sha, metrics=metrics_summary(ok),
+                node_names=[r.node for r in ok],
+            )
+        finally:
+            for r in results:
+                r.discard()
+
+    def _apply_strategy(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        avg_delta: Mapping[str, np.ndarray],
+        state_sha: str,
+        rnd: int,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        fed = self.spec.federation
+        if fed.strategy in ("fedavg", "fedprox"):
+            options = {"server_lr": fed.server_lr}
+        else:
+            options = {"eta": fed.eta, "beta1": fed.beta1, "beta2": fed.beta2, "tau": fed.tau}
+        strategy = strategies.make_strategy(fed.strategy, options)
+        state = load_weights_blob(self.ctx.blobs, state_sha)
+        new_weights, new_state = strategy.apply(dict(global_weights), dict(avg_delta), state, rnd)
+        return dict(new_weights), dict(new_state)
+
+
+class _Stopping(Exception):
+    """Internal: the coordinator is shutting down."""
+
+
+def _read_arrays(result: TaskResult) -> dict[str, np.ndarray]:
+    if result.blob_path is None:
+        raise ResultRejected("result carries no payload")
+    try:
+        return models.weights_from_bytes(Path(result.blob_path).read_bytes())
+    except ResultRejected:
+        raise
+    except Exception as exc:
+        raise ResultRejected(f"payload is not a valid safetensors file: {exc}") from None
+
+
+def _shortfall(results: list[TaskResult], need: int) -> str:
+    ok = sum(r.ok for r in results)
+    failures = "; ".join(f"{r.node}: {r.error}" for r in results if not r.ok)
+    return f"{ok} of {len(results)} nodes answered, {need} required" + (
+        f" ({failures})" if failures else ""
+    )
