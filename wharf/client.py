@@ -46,6 +46,8 @@ def pack_bundle_for(spec: spec_mod.JobSpec) -> bytes:
 
     from wharf.algorithms import models
 
+    if not spec.bundle.path:
+        raise spec_mod.SpecError("bundle.path must name the bundle directory")
     root = Path(spec.bundle.path)
     build = bundle_mod.load_entry(root, spec.bundle.model)
     if not spec.model.input_shape:

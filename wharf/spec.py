@@ -276,8 +276,6 @@ def validate(spec: JobSpec) -> None:
             raise SpecError("bundle.model must be an entry point like 'net:build_model'")
         if b.train_step and not ENTRY_RE.match(b.train_step):
             raise SpecError("bundle.train_step must be an entry point like 'net:train_step'")
-        if not b.path and not b.sha256:
-            raise SpecError("bundle.path must name the bundle directory")
     elif b.path or b.model or b.train_step or b.sha256:
         raise SpecError("a [bundle] section needs model.kind = \"bundle\"")
 

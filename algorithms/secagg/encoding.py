@@ -166,9 +166,7 @@ class VectorLayout:
         if summed.shape != (self.length,):
             raise ValueError(f"sum has shape {summed.shape}, layout needs ({self.length},)")
         if not 1 <= num_contributors <= self.max_nodes:
-            raise ValueError(
-                f"num_contributors {num_contributors} outside [1, {self.max_nodes}]"
-            )
+            raise ValueError(f"num_contributors {num_contributors} outside [1, {self.max_nodes}]")
         signed = np.asarray(summed, dtype=np.uint32).view(np.int32)
         out: dict[str, NDArray[np.float64] | NDArray[np.int64]] = {}
         for off, seg in zip(self.offsets, self.segments, strict=False):
@@ -189,7 +187,7 @@ class VectorLayout:
 @dataclass(frozen=True)
 class _Piece:
     start: int
-    data: NDArray[np.floating] | NDArray[np.int64]
+    data: NDArray[np.generic]
     segment: Segment
 
 
@@ -226,18 +224,17 @@ class EncodingSource:
             arrays = _as_pieces(inputs[seg.name])
             total = sum(a.size for a in arrays)
             if total != seg.length:
-                raise ValueError(
-                    f"segment {seg.name!r} expects {seg.length} values, got {total}"
-                )
+                raise ValueError(f"segment {seg.name!r} expects {seg.length} values, got {total}")
             pos = off
             for arr in arrays:
                 if arr.size == 0:
                     continue
                 if seg.exact:
-                    data: NDArray[np.floating] | NDArray[np.int64] = _exact_ints(arr, seg)
+                    data: NDArray[np.generic] = _exact_ints(arr, seg)
                 else:
                     if not (
-                        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+                        np.issubdtype(arr.dtype, np.floating)
+                        or np.issubdtype(arr.dtype, np.integer)
                     ):
                         raise ValueError(f"segment {seg.name!r} needs real numbers")
                     data = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)

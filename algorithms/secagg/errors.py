@@ -10,10 +10,10 @@ Nothing partial is ever returned alongside it.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class AbortReason(str, Enum):
+class AbortReason(StrEnum):
     """Why a party stopped a round. Values are stable strings (logged, audited, sent)."""
 
     WRONG_CONTEXT = "wrong_context"
@@ -44,7 +44,7 @@ class SecAggError(Exception):
     """Base class of every secure-aggregation error."""
 
 
-class SecAggAborted(SecAggError):
+class SecAggAborted(SecAggError):  # noqa: N818 - the name says what happened
     """The round is over for this party; ``reason`` says why, ``detail`` in words.
 
     A client that raises this has moved to its terminal ``ABORTED`` state and
@@ -54,5 +54,17 @@ class SecAggAborted(SecAggError):
 
     def __init__(self, reason: AbortReason, detail: str) -> None:
         super().__init__(f"secure aggregation aborted ({reason.value}): {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class MessageRejected(SecAggError):  # noqa: N818 - the name says what happened
+    """The coordinator refused one node message; the round goes on without it.
+
+    The sending node is treated as having dropped out of the current phase.
+    """
+
+    def __init__(self, reason: AbortReason, detail: str) -> None:
+        super().__init__(f"secure-aggregation message rejected ({reason.value}): {detail}")
         self.reason = reason
         self.detail = detail

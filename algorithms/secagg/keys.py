@@ -79,9 +79,7 @@ class RoundKeys:
         return self.mask_key.private_bytes_raw()
 
 
-def _pair_info(
-    purpose: bytes, job_id: str, round_number: int, a: Party, b: Party
-) -> bytes:
+def _pair_info(purpose: bytes, job_id: str, round_number: int, a: Party, b: Party) -> bytes:
     lo, hi = (a, b) if a.index < b.index else (b, a)
     return encode_fields(
         b"wharf/secagg/kdf",
@@ -177,7 +175,12 @@ def self_mask_key(seed: bytes, *, job_id: str, round_number: int, owner: Party) 
     if len(seed) != SECRET_BYTES:
         raise ValueError("self-mask seeds are 32 bytes")
     info = encode_fields(
-        b"self", PROTOCOL_VERSION, PURPOSE_SELF_MASK, job_id, round_number, owner.index,
+        b"self",
+        PROTOCOL_VERSION,
+        PURPOSE_SELF_MASK,
+        job_id,
+        round_number,
+        owner.index,
         owner.node_id,
     )
     return derive_prg_key(seed, info)
@@ -196,7 +199,12 @@ def _share_ad(
     job_id: str, round_number: int, context_hash: bytes, sender: int, receiver: int
 ) -> bytes:
     return encode_fields(
-        b"wharf/secagg/share", PROTOCOL_VERSION, job_id, round_number, context_hash, sender,
+        b"wharf/secagg/share",
+        PROTOCOL_VERSION,
+        job_id,
+        round_number,
+        context_hash,
+        sender,
         receiver,
     )
 

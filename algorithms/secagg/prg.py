@@ -35,9 +35,7 @@ _HKDF_SALT = b"wharf-secagg-prg-salt-v1"
 
 def hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     """HKDF-SHA256 (RFC 5869) with the protocol's fixed salt."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_HKDF_SALT, info=info).derive(
-        secret
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_HKDF_SALT, info=info).derive(secret)
 
 
 def derive_prg_key(secret: bytes, info: bytes) -> bytes:

@@ -143,10 +143,10 @@ def reconstruct(shares: Mapping[int, bytes], threshold: int) -> bytes:
     lam = lagrange_at_zero(xs)
     p = PRIME
     acc = [0] * ELEMENTS_PER_SECRET
-    for x, l in zip(xs, lam, strict=True):
+    for x, coeff in zip(xs, lam, strict=True):
         values = _decode_share(shares[x])
         for e in range(ELEMENTS_PER_SECRET):
-            acc[e] += l * values[e]
+            acc[e] += coeff * values[e]
     return elements_to_secret([a % p for a in acc])
 
 
@@ -156,5 +156,5 @@ def interpolate_elements(points: Mapping[int, Sequence[int]]) -> tuple[int, ...]
     lam = lagrange_at_zero(xs)
     width = len(next(iter(points.values())))
     return tuple(
-        sum(l * points[x][e] for x, l in zip(xs, lam, strict=True)) % PRIME for e in range(width)
+        sum(c * points[x][e] for x, c in zip(xs, lam, strict=True)) % PRIME for e in range(width)
     )
