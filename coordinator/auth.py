@@ -30,6 +30,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 INSECURE_IDENTITY_HEADER = "x-wharf-insecure-identity"
 
+MAX_DETAILS = 1000
+"""Status details are clipped: they may echo caller input, and gRPC refuses trailing
+metadata above 8 KiB (the caller would see RESOURCE_EXHAUSTED instead of the reason)."""
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -68,9 +72,21 @@ class Abort(Exception):
         self.message = message
 
 
+def _clip(message: str) -> str:
+    """Shorten a long message in the middle, keeping how it starts and how it ends."""
+    if len(message) <= MAX_DETAILS:
+        return message
+    half = (MAX_DETAILS - 5) // 2
+    return f"{message[:half]} […] {message[-half:]}"
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, Abort):
         return exc.code, exc.message
+    if isinstance(exc, grpc.RpcError):
+        # Reading the request stream failed: the client cancelled or gRPC already
+        # ended the call (e.g. a message above the size limit). Not a server fault.
+        return grpc.StatusCode.CANCELLED, "the call ended before its request was complete"
     if isinstance(exc, SpecError | TensorError | TransferError | ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, PermissionError):
@@ -106,7 +122,7 @@ def rpc(*roles: str, streaming: bool = False) -> Callable[[F], F]:
                 log.exception("internal error in %s", fn.__name__)
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
             else:
-                context.abort(*mapped)
+                context.abort(mapped[0], _clip(mapped[1]))
 
         if streaming:
 

@@ -23,6 +23,7 @@ from wharf.proto import wharf_pb2 as pb
 from wharf.proto import wharf_pb2_grpc as pb_grpc
 
 WATCH_IDLE_S = 1.0
+MAX_JOB_ID = 64
 
 
 def job_info(ctx: Context, job: JobRow, *, with_rounds: bool = True) -> pb.JobInfo:
@@ -60,6 +61,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def _job(self, job_id: str, caller: Caller) -> JobRow:
         if not job_id:
             raise ValueError("job_id is required")
+        if len(job_id) > MAX_JOB_ID:
+            raise ValueError(f"job_id is at most {MAX_JOB_ID} characters; got {len(job_id)}")
         job = self.ctx.store.get_job(job_id)
         if job is None:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}")
@@ -71,6 +74,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def SubmitJob(  # noqa: N802
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext, *, caller: Caller
     ) -> pb.JobInfo:
+        if len(request.bundle) > bundle_mod.MAX_BUNDLE_SIZE:
+            raise ValueError(
+                f"bundle is {len(request.bundle)} bytes; the limit is "
+                f"{bundle_mod.MAX_BUNDLE_SIZE} (ship data through datasets, not the bundle)"
+            )
         spec = spec_mod.from_json(request.spec_json)
         bundle_sha = ""
         if spec.uses_bundle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ log = logging.getLogger("wharf.coordinator")
 
 HEARTBEAT_INTERVAL_S = 10.0
 MAX_DATASETS = 256
+MAX_FEATURE_DIMS = 8
+MAX_FEATURE_VALUES = 1 << 24
+"""Per-row feature tensor bounds: the coordinator builds models from announced shapes."""
 
 
 def dataset_to_dict(d: pb.DatasetInfo) -> dict[str, Any]:
@@ -32,6 +36,11 @@ def dataset_to_dict(d: pb.DatasetInfo) -> dict[str, Any]:
         raise ValueError("dataset name must be 1-64 characters")
     if d.rows < 0 or any(x <= 0 for x in d.feature_shape):
         raise ValueError(f"dataset {d.name!r}: row count and feature shape must be positive")
+    if len(d.feature_shape) > MAX_FEATURE_DIMS or math.prod(d.feature_shape) > MAX_FEATURE_VALUES:
+        raise ValueError(
+            f"dataset {d.name!r}: feature shape {list(d.feature_shape)} is too large (at most "
+            f"{MAX_FEATURE_DIMS} dimensions and {MAX_FEATURE_VALUES} values per row)"
+        )
     return {
         "name": d.name, "rows": int(d.rows), "label": d.label, "features": list(d.features),
         "feature_shape": [int(x) for x in d.feature_shape], "schema_json": d.schema_json,

@@ -29,6 +29,9 @@ from wharf.proto import wharf_pb2 as pb
 
 log = logging.getLogger("wharf.coordinator")
 
+MAX_MODEL_PARAMS = 1 << 28
+"""A built-in model above 268 M parameters (1 GiB of float32) is refused."""
+
 
 class JobFailed(Exception):
     """The job cannot continue; the message is the reason shown to the developer."""
@@ -51,6 +54,11 @@ class Context:
     sessions: SessionRegistry
     broker: TaskBroker
     poll_s: float = 0.5
+
+
+def model_options(spec: spec_mod.JobSpec) -> dict[str, object]:
+    """The built-in model's options from the spec (only ``mlp`` takes ``hidden``)."""
+    return {"hidden": list(spec.model.hidden)} if spec.model.kind == "mlp" else {}
 
 
 def load_weights_blob(blobs: BlobStore, sha: str) -> dict[str, np.ndarray]:
@@ -231,8 +239,16 @@ class JobRunner(threading.Thread):
             weights = models.weights_from_bytes(files[bundle_mod.INITIAL_WEIGHTS])
         else:
             shape = self._input_shape(nodes)
+            if m.kind in ("mlp", "logreg"):
+                dims = [int(np.prod(shape)), *(m.hidden if m.kind == "mlp" else ()), m.num_classes]
+                params = sum(a * b + b for a, b in zip(dims, dims[1:], strict=False))
+                if params > MAX_MODEL_PARAMS:
+                    raise JobFailed(
+                        f"the model would have {params:,} parameters; the limit is "
+                        f"{MAX_MODEL_PARAMS:,}"
+                    )
             net = models.init_model(
-                m.kind, shape, m.num_classes, {"hidden": list(m.hidden)}, self.spec.training.seed
+                m.kind, shape, m.num_classes, model_options(self.spec), self.spec.training.seed
             )
             if m.standardize:
                 mean, std = self._federated_moments(shape)
@@ -260,6 +276,8 @@ class JobRunner(threading.Thread):
                 return arrays
 
             results = self._dispatch(0, attempt, pb.TASK_STATS, nodes, "", validate)
+            for r in results:
+                r.discard()  # the validated arrays are in r.payload
             ok = [r for r in results if r.ok]
             if len(ok) >= fed.min_nodes:
                 total = sum(np.asarray(r.payload["sum"], np.float64) for r in ok)  # type: ignore[index]
@@ -314,6 +332,9 @@ class JobRunner(threading.Thread):
                 if ctx.sessions.get(name) is None:
                     collector.node_lost(name)
             collector.wait(deadline, self.cancelled)
+            collector.close()
+            if self.cancelled.is_set() or self.stopping.is_set():
+                collector.discard_all()
             self._check()
             results = []
             for task_id, name in assignment.items():
@@ -352,6 +373,10 @@ class JobRunner(threading.Thread):
             if set(delta) != set(layout):
                 raise ResultRejected("update tensors do not match the model's tensors")
             for k, arr in delta.items():
+                if arr.dtype != global_weights[k].dtype:
+                    raise ResultRejected(
+                        f"update tensor {k!r} has dtype {arr.dtype}, expected {global_weights[k].dtype}"
+                    )
                 if arr.shape != layout[k]:
                     raise ResultRejected(
                         f"update tensor {k!r} has shape {arr.shape}, expected {layout[k]}"

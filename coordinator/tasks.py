@@ -61,12 +61,20 @@ class RoundCollector:
         self.validator = validator
         self.results: dict[str, TaskResult] = {}
         self._cond = threading.Condition()
+        self._closed = False
+
+    def close(self) -> None:
+        """The round stopped listening: later uploads are refused, not kept."""
+        with self._cond:
+            self._closed = True
 
     def deliver(self, result: TaskResult) -> None:
         """Validate and record; raises ResultRejected for a malformed payload."""
         if result.ok and self.validator is not None:
             result.payload = self.validator(result)
         with self._cond:
+            if self._closed:
+                raise LookupError(f"task {result.task_id!r} is not active (its round is over)")
             if result.task_id in self.results:
                 raise ResultRejected("a result for this task was already received")
             self.results[result.task_id] = result
@@ -116,8 +124,10 @@ class TaskBroker:
 
     def unregister(self, task_ids: list[str]) -> None:
         with self._lock:
-            for t in task_ids:
-                self._pending.pop(t, None)
+            gone = [self._pending.pop(t, None) for t in task_ids]
+        for p in gone:
+            if p is not None:
+                p.collector.close()
 
     def node_lost(self, node: str) -> None:
         with self._lock:

@@ -42,7 +42,8 @@ def _build(spec: Any, task_dir: Path, input_shape: tuple[int, ...]) -> Any:
 
         build = load_entry(task_dir / "bundle", spec.bundle.model)
         return build(tuple(m.input_shape or input_shape), m.num_classes)
-    return models.build_model(m.kind, input_shape, m.num_classes, {"hidden": list(m.hidden)})
+    options = {"hidden": list(m.hidden)} if m.kind == "mlp" else {}
+    return models.build_model(m.kind, input_shape, m.num_classes, options)
 
 
 def _custom_training(

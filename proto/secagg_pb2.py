@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wharf/proto/secagg.proto\x12\x08wharf.v1\"\x93\x01\n\x0cSecAggHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12$\n\x05phase\x18\x04 \x01(\x0e\x32\x15.wharf.v1.SecAggPhase\x12\x0e\n\x06sender\x18\x05 \x01(\r\x12\x14\n\x0c\x63ontext_hash\x18\x06 \x01(\x0c\"\x9c\x01\n\x10SecAggParameters\x12\x11\n\tnum_nodes\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65gree\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nvalue_bits\x18\x04 \x01(\r\x12\x0c\n\x04\x63lip\x18\x05 \x01(\x01\x12\x11\n\tmax_nodes\x18\x06 \x01(\r\x12\x1d\n\x15malicious_coordinator\x18\x07 \x01(\x08\"3\n\x11SecAggRosterEntry\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xca\x01\n\x0bSecAggSetup\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.wharf.v1.SecAggParameters\x12+\n\x06roster\x18\x03 \x03(\x0b\x32\x1b.wharf.v1.SecAggRosterEntry\x12\x12\n\ngraph_seed\x18\x04 \x01(\x0c\x12\x12\n\nneighbours\x18\x05 \x03(\r\x12\x12\n\nnum_values\x18\x06 \x01(\x04\"\x88\x01\n\x13SecAggAdvertiseKeys\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x1d\n\x15\x65ncryption_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"s\n\x12SecAggKeyDirectory\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x35\n\x0e\x61\x64vertisements\x18\x02 \x03(\x0b\x32\x1d.wharf.v1.SecAggAdvertiseKeys\"[\n\x14SecAggEncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"\x9a\x01\n\x0fSecAggShareKeys\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12.\n\x06shares\x18\x02 \x03(\x0b\x32\x1e.wharf.v1.SecAggEncryptedShare\x12\x1c\n\x14self_mask_commitment\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"m\n\x13SecAggShareDelivery\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12.\n\x06shares\x18\x02 \x03(\x0b\x32\x1e.wharf.v1.SecAggEncryptedShare\"\x90\x01\n\x11SecAggMaskedInput\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x12\n\nnum_values\x18\x02 \x01(\x04\x12\x15\n\rvector_sha256\x18\x03 \x01(\x0c\x12\x15\n\rmasked_vector\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"L\n\x0fSecAggSurvivors\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x11\n\tsurvivors\x18\x02 \x03(\r\"j\n\x1aSecAggConsistencySignature\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x11\n\tsurvivors\x18\x02 \x03(\r\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"<\n\x17SecAggSurvivorSignature\x12\x0e\n\x06signer\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xc6\x01\n\x13SecAggUnmaskRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x11\n\tsurvivors\x18\x02 \x03(\r\x12\x35\n\nsignatures\x18\x03 \x03(\x0b\x32!.wharf.v1.SecAggSurvivorSignature\x12\x1e\n\x16self_mask_share_owners\x18\x04 \x03(\r\x12\x1d\n\x15mask_key_share_owners\x18\x05 \x03(\r\"\\\n\x13SecAggRevealedShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.wharf.v1.SecAggShareKind\x12\r\n\x05share\x18\x03 \x01(\x0c\"\x80\x01\n\x14SecAggUnmaskResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12-\n\x06shares\x18\x02 \x03(\x0b\x32\x1d.wharf.v1.SecAggRevealedShare\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"U\n\x0bSecAggAbort\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\xdd\x01\n\x0bSecAggPhase\x12\x1c\n\x18SECAGG_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12SECAGG_PHASE_SETUP\x10\x01\x12\x1f\n\x1bSECAGG_PHASE_ADVERTISE_KEYS\x10\x02\x12\x1b\n\x17SECAGG_PHASE_SHARE_KEYS\x10\x03\x12\x1d\n\x19SECAGG_PHASE_MASKED_INPUT\x10\x04\x12\"\n\x1eSECAGG_PHASE_CONSISTENCY_CHECK\x10\x05\x12\x17\n\x13SECAGG_PHASE_UNMASK\x10\x06*z\n\x0fSecAggShareKind\x12!\n\x1dSECAGG_SHARE_KIND_UNSPECIFIED\x10\x00\x12$\n SECAGG_SHARE_KIND_SELF_MASK_SEED\x10\x01\x12\x1e\n\x1aSECAGG_SHARE_KIND_MASK_KEY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wharf/proto/secagg.proto\x12\x08wharf.v1\"\x93\x01\n\x0cSecAggHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12$\n\x05phase\x18\x04 \x01(\x0e\x32\x15.wharf.v1.SecAggPhase\x12\x0e\n\x06sender\x18\x05 \x01(\r\x12\x14\n\x0c\x63ontext_hash\x18\x06 \x01(\x0c\"\x9c\x01\n\x10SecAggParameters\x12\x11\n\tnum_nodes\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65gree\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nvalue_bits\x18\x04 \x01(\r\x12\x0c\n\x04\x63lip\x18\x05 \x01(\x01\x12\x11\n\tmax_nodes\x18\x06 \x01(\r\x12\x1d\n\x15malicious_coordinator\x18\x07 \x01(\x08\"H\n\x11SecAggRosterEntry\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"\xca\x01\n\x0bSecAggSetup\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.wharf.v1.SecAggParameters\x12+\n\x06roster\x18\x03 \x03(\x0b\x32\x1b.wharf.v1.SecAggRosterEntry\x12\x12\n\ngraph_seed\x18\x04 \x01(\x0c\x12\x12\n\nneighbours\x18\x05 \x03(\r\x12\x12\n\nnum_values\x18\x06 \x01(\x04\"\x88\x01\n\x13SecAggAdvertiseKeys\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x1d\n\x15\x65ncryption_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"s\n\x12SecAggKeyDirectory\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x35\n\x0e\x61\x64vertisements\x18\x02 \x03(\x0b\x32\x1d.wharf.v1.SecAggAdvertiseKeys\"[\n\x14SecAggEncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"\x9a\x01\n\x0fSecAggShareKeys\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12.\n\x06shares\x18\x02 \x03(\x0b\x32\x1e.wharf.v1.SecAggEncryptedShare\x12\x1c\n\x14self_mask_commitment\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"m\n\x13SecAggShareDelivery\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12.\n\x06shares\x18\x02 \x03(\x0b\x32\x1e.wharf.v1.SecAggEncryptedShare\"\x90\x01\n\x11SecAggMaskedInput\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x12\n\nnum_values\x18\x02 \x01(\x04\x12\x15\n\rvector_sha256\x18\x03 \x01(\x0c\x12\x15\n\rmasked_vector\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"L\n\x0fSecAggSurvivors\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x11\n\tsurvivors\x18\x02 \x03(\r\"j\n\x1aSecAggConsistencySignature\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x11\n\tsurvivors\x18\x02 \x03(\r\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"<\n\x17SecAggSurvivorSignature\x12\x0e\n\x06signer\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xc6\x01\n\x13SecAggUnmaskRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x11\n\tsurvivors\x18\x02 \x03(\r\x12\x35\n\nsignatures\x18\x03 \x03(\x0b\x32!.wharf.v1.SecAggSurvivorSignature\x12\x1e\n\x16self_mask_share_owners\x18\x04 \x03(\r\x12\x1d\n\x15mask_key_share_owners\x18\x05 \x03(\r\"\\\n\x13SecAggRevealedShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.wharf.v1.SecAggShareKind\x12\r\n\x05share\x18\x03 \x01(\x0c\"\x80\x01\n\x14SecAggUnmaskResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12-\n\x06shares\x18\x02 \x03(\x0b\x32\x1d.wharf.v1.SecAggRevealedShare\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"U\n\x0bSecAggAbort\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wharf.v1.SecAggHeader\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\xdd\x01\n\x0bSecAggPhase\x12\x1c\n\x18SECAGG_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12SECAGG_PHASE_SETUP\x10\x01\x12\x1f\n\x1bSECAGG_PHASE_ADVERTISE_KEYS\x10\x02\x12\x1b\n\x17SECAGG_PHASE_SHARE_KEYS\x10\x03\x12\x1d\n\x19SECAGG_PHASE_MASKED_INPUT\x10\x04\x12\"\n\x1eSECAGG_PHASE_CONSISTENCY_CHECK\x10\x05\x12\x17\n\x13SECAGG_PHASE_UNMASK\x10\x06*z\n\x0fSecAggShareKind\x12!\n\x1dSECAGG_SHARE_KIND_UNSPECIFIED\x10\x00\x12$\n SECAGG_SHARE_KIND_SELF_MASK_SEED\x10\x01\x12\x1e\n\x1aSECAGG_SHARE_KIND_MASK_KEY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wharf.proto.secagg_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SECAGGPHASE']._serialized_start=2131
-  _globals['_SECAGGPHASE']._serialized_end=2352
-  _globals['_SECAGGSHAREKIND']._serialized_start=2354
-  _globals['_SECAGGSHAREKIND']._serialized_end=2476
+  _globals['_SECAGGPHASE']._serialized_start=2152
+  _globals['_SECAGGPHASE']._serialized_end=2373
+  _globals['_SECAGGSHAREKIND']._serialized_start=2375
+  _globals['_SECAGGSHAREKIND']._serialized_end=2497
   _globals['_SECAGGHEADER']._serialized_start=39
   _globals['_SECAGGHEADER']._serialized_end=186
   _globals['_SECAGGPARAMETERS']._serialized_start=189
   _globals['_SECAGGPARAMETERS']._serialized_end=345
   _globals['_SECAGGROSTERENTRY']._serialized_start=347
-  _globals['_SECAGGROSTERENTRY']._serialized_end=398
-  _globals['_SECAGGSETUP']._serialized_start=401
-  _globals['_SECAGGSETUP']._serialized_end=603
-  _globals['_SECAGGADVERTISEKEYS']._serialized_start=606
-  _globals['_SECAGGADVERTISEKEYS']._serialized_end=742
-  _globals['_SECAGGKEYDIRECTORY']._serialized_start=744
-  _globals['_SECAGGKEYDIRECTORY']._serialized_end=859
-  _globals['_SECAGGENCRYPTEDSHARE']._serialized_start=861
-  _globals['_SECAGGENCRYPTEDSHARE']._serialized_end=952
-  _globals['_SECAGGSHAREKEYS']._serialized_start=955
-  _globals['_SECAGGSHAREKEYS']._serialized_end=1109
-  _globals['_SECAGGSHAREDELIVERY']._serialized_start=1111
-  _globals['_SECAGGSHAREDELIVERY']._serialized_end=1220
-  _globals['_SECAGGMASKEDINPUT']._serialized_start=1223
-  _globals['_SECAGGMASKEDINPUT']._serialized_end=1367
-  _globals['_SECAGGSURVIVORS']._serialized_start=1369
-  _globals['_SECAGGSURVIVORS']._serialized_end=1445
-  _globals['_SECAGGCONSISTENCYSIGNATURE']._serialized_start=1447
-  _globals['_SECAGGCONSISTENCYSIGNATURE']._serialized_end=1553
-  _globals['_SECAGGSURVIVORSIGNATURE']._serialized_start=1555
-  _globals['_SECAGGSURVIVORSIGNATURE']._serialized_end=1615
-  _globals['_SECAGGUNMASKREQUEST']._serialized_start=1618
-  _globals['_SECAGGUNMASKREQUEST']._serialized_end=1816
-  _globals['_SECAGGREVEALEDSHARE']._serialized_start=1818
-  _globals['_SECAGGREVEALEDSHARE']._serialized_end=1910
-  _globals['_SECAGGUNMASKRESPONSE']._serialized_start=1913
-  _globals['_SECAGGUNMASKRESPONSE']._serialized_end=2041
-  _globals['_SECAGGABORT']._serialized_start=2043
-  _globals['_SECAGGABORT']._serialized_end=2128
+  _globals['_SECAGGROSTERENTRY']._serialized_end=419
+  _globals['_SECAGGSETUP']._serialized_start=422
+  _globals['_SECAGGSETUP']._serialized_end=624
+  _globals['_SECAGGADVERTISEKEYS']._serialized_start=627
+  _globals['_SECAGGADVERTISEKEYS']._serialized_end=763
+  _globals['_SECAGGKEYDIRECTORY']._serialized_start=765
+  _globals['_SECAGGKEYDIRECTORY']._serialized_end=880
+  _globals['_SECAGGENCRYPTEDSHARE']._serialized_start=882
+  _globals['_SECAGGENCRYPTEDSHARE']._serialized_end=973
+  _globals['_SECAGGSHAREKEYS']._serialized_start=976
+  _globals['_SECAGGSHAREKEYS']._serialized_end=1130
+  _globals['_SECAGGSHAREDELIVERY']._serialized_start=1132
+  _globals['_SECAGGSHAREDELIVERY']._serialized_end=1241
+  _globals['_SECAGGMASKEDINPUT']._serialized_start=1244
+  _globals['_SECAGGMASKEDINPUT']._serialized_end=1388
+  _globals['_SECAGGSURVIVORS']._serialized_start=1390
+  _globals['_SECAGGSURVIVORS']._serialized_end=1466
+  _globals['_SECAGGCONSISTENCYSIGNATURE']._serialized_start=1468
+  _globals['_SECAGGCONSISTENCYSIGNATURE']._serialized_end=1574
+  _globals['_SECAGGSURVIVORSIGNATURE']._serialized_start=1576
+  _globals['_SECAGGSURVIVORSIGNATURE']._serialized_end=1636
+  _globals['_SECAGGUNMASKREQUEST']._serialized_start=1639
+  _globals['_SECAGGUNMASKREQUEST']._serialized_end=1837
+  _globals['_SECAGGREVEALEDSHARE']._serialized_start=1839
+  _globals['_SECAGGREVEALEDSHARE']._serialized_end=1931
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_start=1934
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_end=2062
+  _globals['_SECAGGABORT']._serialized_start=2064
+  _globals['_SECAGGABORT']._serialized_end=2149
 # @@protoc_insertion_point(module_scope)

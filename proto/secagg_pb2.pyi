@@ -68,12 +68,14 @@ class SecAggParameters(_message.Message):
     def __init__(self, num_nodes: _Optional[int] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., value_bits: _Optional[int] = ..., clip: _Optional[float] = ..., max_nodes: _Optional[int] = ..., malicious_coordinator: _Optional[bool] = ...) -> None: ...
 
 class SecAggRosterEntry(_message.Message):
-    __slots__ = ("index", "node_id")
+    __slots__ = ("index", "node_id", "certificate")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     index: int
     node_id: str
-    def __init__(self, index: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+    certificate: bytes
+    def __init__(self, index: _Optional[int] = ..., node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
     __slots__ = ("header", "params", "roster", "graph_seed", "neighbours", "num_values")

@@ -213,7 +213,7 @@ def expect_status(
 
 
 def spec_dict(**sections: Any) -> dict[str, Any]:
-    """A valid spec (one plaintext round of logistic regression on 'cancer'), with overrides.
+    """A valid spec (one plaintext round of a tiny MLP on 'cancer'), with overrides.
 
     Each keyword replaces or merges into one section, e.g. ``federation={"rounds": 2}``.
     """
@@ -221,7 +221,7 @@ def spec_dict(**sections: Any) -> dict[str, Any]:
         "name": "probe",
         "purpose": "medical-research",
         "data": {"dataset": "cancer"},
-        "model": {"kind": "logreg", "num_classes": 2},
+        "model": {"kind": "mlp", "num_classes": 2, "hidden": [3]},
         "federation": {
             "rounds": 1,
             "min_nodes": 1,
@@ -320,7 +320,9 @@ class DrivenNode:
             self._reader.join(DEADLINE)
 
 
-def upload_parts(header: pb.ResultHeader | None, parts: Iterable[bytes]) -> Iterator[pb.UploadChunk]:
+def upload_parts(
+    header: pb.ResultHeader | None, parts: Iterable[bytes]
+) -> Iterator[pb.UploadChunk]:
     if header is not None:
         yield pb.UploadChunk(header=header)
     for data in parts:

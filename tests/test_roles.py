@@ -15,10 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import message_factory
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from google.protobuf.message import Message
-
 from conftest import (
     DEADLINE,
     Harness,
@@ -28,6 +24,10 @@ from conftest import (
     spec_dict,
     submit,
 )
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
 from wharf.coordinator.job_service import JobServicer
 from wharf.coordinator.node_service import NodeServicer
 from wharf.proto import wharf_pb2 as pb
@@ -83,8 +83,10 @@ def call(channel: grpc.Channel, service: ServiceDescriptor, method: MethodDescri
     resp_cls = message_factory.GetMessageClass(method.output_type)
     request = SAMPLE.get(method.name) or req_cls()
     path = f"/{service.full_name}/{method.name}"
-    ser = {"request_serializer": req_cls.SerializeToString,
-           "response_deserializer": resp_cls.FromString}
+    ser = {
+        "request_serializer": req_cls.SerializeToString,
+        "response_deserializer": resp_cls.FromString,
+    }
     if method.client_streaming and method.server_streaming:
         return list(channel.stream_stream(path, **ser)(iter([request]), timeout=DEADLINE))
     if method.client_streaming:
@@ -110,9 +112,9 @@ def test_every_rpc_has_a_role_table_entry() -> None:
     )
 
 
-@pytest.mark.parametrize(("service", "method"), [
-    pytest.param(s, m, id=f"{s.name}.{m.name}") for s, m in all_methods()
-])
+@pytest.mark.parametrize(
+    ("service", "method"), [pytest.param(s, m, id=f"{s.name}.{m.name}") for s, m in all_methods()]
+)
 def test_every_handler_is_wrapped_by_the_rpc_decorator(
     service: ServiceDescriptor, method: MethodDescriptor
 ) -> None:
@@ -141,12 +143,15 @@ def test_wrong_role_is_denied_and_nothing_happens(
     assert coord.ctx.sessions.online() == []
 
 
-@pytest.mark.parametrize(("service", "method", "role"), [
-    pytest.param(s, m, role, id=f"{s.name}.{m.name}-as-{role}")
-    for s, m in all_methods()
-    for role in sorted(ALLOWED.get((s.name, m.name), frozenset()))
-    if m.name != "TaskStream"  # stays open by design; admitted in the test below
-])
+@pytest.mark.parametrize(
+    ("service", "method", "role"),
+    [
+        pytest.param(s, m, role, id=f"{s.name}.{m.name}-as-{role}")
+        for s, m in all_methods()
+        for role in sorted(ALLOWED.get((s.name, m.name), frozenset()))
+        if m.name != "TaskStream"  # stays open by design; admitted in the test below
+    ],
+)
 def test_right_role_passes_the_role_check(
     coord: Harness, service: ServiceDescriptor, method: MethodDescriptor, role: str
 ) -> None:
@@ -157,15 +162,19 @@ def test_right_role_passes_the_role_check(
     except grpc.RpcError as exc:
         assert "may not call" not in (exc.details() or "")  # type: ignore[attr-defined]
         assert exc.code() not in (  # type: ignore[attr-defined]
-            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED,
-            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.UNIMPLEMENTED,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.UNAVAILABLE,
         ), exc.details()  # type: ignore[attr-defined]
 
 
 def test_node_task_stream_admits_a_node_and_not_a_developer(coord: Harness) -> None:
     as_developer = pb_grpc.NodeServiceStub(coord.channel(coord.pki["alice"]))
     expect_status(
-        grpc.StatusCode.PERMISSION_DENIED, as_developer.TaskStream, pb.TaskStreamRequest(),
+        grpc.StatusCode.PERMISSION_DENIED,
+        as_developer.TaskStream,
+        pb.TaskStreamRequest(),
         match="may not call TaskStream",
     )
     assert coord.ctx.sessions.online() == []
@@ -202,8 +211,9 @@ def _server_cert(coord: Harness) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(me.ca_pem, me.key_pem, me.cert_pem)
 
 
-@pytest.mark.parametrize("credentials", ["none", "foreign-node", "foreign-developer",
-                                         "server-cert"])
+@pytest.mark.parametrize(
+    "credentials", ["none", "foreign-node", "foreign-developer", "server-cert"]
+)
 def test_untrusted_clients_are_refused_and_the_server_keeps_serving(
     coord: Harness, credentials: str
 ) -> None:

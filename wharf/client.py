@@ -15,6 +15,7 @@ verified before the file appears at the destination.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,7 +120,7 @@ class Client:
     def get(self, job_id: str) -> pb.JobInfo:
         return self._call("GetJob", pb.JobRef(job_id=job_id))  # type: ignore[no-any-return]
 
-    def list(self, state: str = "", limit: int = 100) -> list[pb.JobInfo]:
+    def list(self, state: str = "", limit: int = 100) -> builtins.list[pb.JobInfo]:
         resp = self._call("ListJobs", pb.ListJobsRequest(state=state, limit=limit))
         return list(resp.jobs)
 

@@ -243,6 +243,10 @@ def validate(spec: JobSpec) -> None:
         raise SpecError("model.hidden sizes must be positive")
     if any(d < 1 for d in m.input_shape):
         raise SpecError("model.input_shape dimensions must be positive")
+    if math.prod(m.input_shape or (1,)) > 1 << 24:
+        raise SpecError("model.input_shape is too large (at most 16,777,216 values per sample)")
+    if len(m.hidden) > 16 or any(h > 1 << 16 for h in m.hidden):
+        raise SpecError("model.hidden allows at most 16 layers of at most 65,536 units")
     t = spec.training
     if t.optimizer not in OPTIMIZERS:
         raise SpecError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}")

@@ -21,6 +21,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from enum import IntEnum
 
+import numpy as np
+
 from .params import PROTOCOL_VERSION, SecAggParams
 
 _TAG_BYTES = b"\x01"
@@ -62,8 +64,12 @@ def _one(value: Field) -> bytes:
     if isinstance(value, str):
         raw = value.encode("utf-8")
         return _TAG_STR + len(raw).to_bytes(4, "big") + raw
-    items = list(value)
-    return _TAG_LIST + len(items).to_bytes(4, "big") + b"".join(_uint(int(i)) for i in items)
+    items = [int(i) for i in value]
+    try:
+        packed = np.asarray(items, dtype=">u8").tobytes()  # fixed width: count + 8 bytes each
+    except OverflowError:
+        raise ValueError("integer list field out of range") from None
+    return _TAG_LIST + len(items).to_bytes(4, "big") + packed
 
 
 def encode_fields(*fields: Field) -> bytes:
@@ -79,10 +85,12 @@ def context_hash(
     roster: Sequence[str],
     graph_seed: bytes,
     num_values: int,
+    certificates: Sequence[bytes] = (),
 ) -> bytes:
     """SHA-256 of everything a round's participants must agree on.
 
-    ``roster[i]`` is the certified name of the node with index ``i + 1``.
+    ``roster[i]`` is the certified name of the node with index ``i + 1`` and
+    ``certificates[i]`` (if relayed, else empty) its certificate.
     Every signed message carries this hash, so an honest node never accepts a
     message produced under a different view of the round.
     """
@@ -102,6 +110,8 @@ def context_hash(
         num_values,
         len(roster),
         *roster,
+        len(certificates),
+        *(hashlib.sha256(c).digest() for c in certificates),
     )
     return hashlib.sha256(data).digest()
 

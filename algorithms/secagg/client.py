@@ -31,6 +31,8 @@ Message flow (node side)::
     masked_input(inputs, layout)         -> SecAggMaskedInput
     consistency_check(SecAggSurvivors)   -> SecAggConsistencySignature
     unmask(SecAggUnmaskRequest)          -> SecAggUnmaskResponse
+
+A client is used from one thread at a time (the node serialises calls).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from enum import Enum
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
 from wharf.proto import secagg_pb2 as pb
 
 from . import shamir
@@ -81,6 +84,17 @@ class ClientState(Enum):
     SIGNED = "signed"
     DONE = "done"
     ABORTED = "aborted"
+
+
+_PHASE_OF_STATE = {
+    ClientState.NEW: Phase.SETUP,
+    ClientState.ADVERTISED: Phase.ADVERTISE_KEYS,
+    ClientState.SHARED: Phase.SHARE_KEYS,
+    ClientState.READY: Phase.MASKED_INPUT,
+    ClientState.MASKED: Phase.CONSISTENCY_CHECK,
+    ClientState.SIGNED: Phase.UNMASK,
+}
+"""The phase whose coordinator message a client in each state is waiting for."""
 
 
 def self_mask_commitment(context: bytes, index: int, seed: bytes) -> bytes:
@@ -129,27 +143,34 @@ class SecAggClient:
         self.index = 0
         self.params: SecAggParams | None = None
         self.roster: tuple[str, ...] = ()
+        self.certificates: dict[str, bytes] = {}
+        """Peers' certificates relayed in the setup (name -> PEM); ``verify`` may use them
+        but must check each against the deployment CA and its name first."""
         self.neighbours: frozenset[int] = frozenset()
         self.num_values = 0
         self.context = b""
         self.masked_vector: NDArray[np.uint32] | None = None
         self._keys: RoundKeys | None = None
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
+        self._enc_keys: dict[int, bytes] = {}
         self._held: dict[int, tuple[bytes, bytes]] = {}
         self._mask_partners: frozenset[int] = frozenset()
         self._add_keys: list[bytes] = []
         self._sub_keys: list[bytes] = []
         self._survivors: tuple[int, ...] = ()
+        self.aborted_in: Phase | None = None
 
     # ----------------------------------------------------------------- helpers
 
     def _abort(self, reason: AbortReason, detail: str) -> SecAggAborted:
+        self.aborted_in = _PHASE_OF_STATE.get(self.state, Phase.SETUP)
         self.state = ClientState.ABORTED
         self._forget()
         return SecAggAborted(reason, f"node {self.node_id}: {detail}")
 
     def _forget(self) -> None:
         self._keys = None
+        self._enc_keys = {}
         self._held = {}
         self._add_keys = []
         self._sub_keys = []
@@ -234,7 +255,7 @@ class SecAggClient:
         self._check(msg.header, Phase.SETUP, "setup", sender=COORDINATOR)
         try:
             params = params_from_proto(msg.params)
-            roster = roster_from_proto(msg.roster)
+            roster, certificates = roster_from_proto(msg.roster)
             if params.num_nodes != len(roster):
                 raise SecAggAborted(
                     AbortReason.BAD_PARAMETERS,
@@ -257,6 +278,7 @@ class SecAggClient:
                 roster=roster,
                 graph_seed=msg.graph_seed,
                 num_values=msg.num_values,
+                certificates=certificates,
             )
             if msg.header.context_hash != ctx:
                 raise SecAggAborted(
@@ -265,6 +287,7 @@ class SecAggClient:
         except SecAggAborted as exc:
             raise self._abort(exc.reason, exc.detail) from None
         self.params, self.roster, self.index = params, roster, index
+        self.certificates = dict(zip(roster, certificates, strict=False))
         self.neighbours, self.num_values, self.context = neighbours, msg.num_values, ctx
         self._keys = RoundKeys.generate()
         enc_pk, mask_pk = self._keys.encryption_public, self._keys.mask_public
@@ -328,6 +351,7 @@ class SecAggClient:
                 me=self._me(),
                 peer=self._party(j),
             )
+            self._enc_keys[j] = key
             plaintext = _SHARE_PLAINTEXT.pack(self.index, j) + b_shares[j] + sk_shares[j]
             nonce, ct = encrypt_share(
                 key,
@@ -366,17 +390,9 @@ class SecAggClient:
                 )
             if j in received:
                 raise self._abort(AbortReason.BAD_MESSAGE, f"two shares from node {j}")
-            key = share_encryption_key(
-                self._keys.encryption_key,
-                self._peer_keys[j][0],
-                job_id=self.job_id,
-                round_number=self.round_number,
-                me=self._me(),
-                peer=self._party(j),
-            )
             try:
                 plain = decrypt_share(
-                    key,
+                    self._enc_keys[j],
                     s.nonce,
                     s.ciphertext,
                     job_id=self.job_id,
@@ -567,7 +583,7 @@ class SecAggClient:
     def abort_message(self, exc: SecAggAborted) -> pb.SecAggAbort:
         """A message telling the coordinator why this node stopped."""
         return pb.SecAggAbort(
-            header=self._header(Phase.SETUP if not self.context else Phase.UNMASK),
+            header=self._header(self.aborted_in or Phase.SETUP),
             reason=exc.reason.value,
             detail=exc.detail,
         )

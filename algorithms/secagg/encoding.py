@@ -22,6 +22,8 @@ Why this encoding:
   has its own scale: :meth:`Segment.integer` encodes integers *exactly*
   (scale 1, no rounding; non-integers or values beyond the bound are refused,
   never clipped), :meth:`Segment.real` clips and quantises.
+* **Bad values**: NaN is refused (``ValueError``); ``±inf`` clips to ``±clip``
+  like any other out-of-range value.
 
 Input of a segment may be several arrays (a model's tensors); they are walked
 in place, never concatenated, so encoding a 10^7-parameter model allocates
@@ -42,7 +44,7 @@ from .params import SecAggParams
 from .prg import PRG_KEY_BYTES, KeyStream
 
 INT32_MAX = 2**31 - 1
-DEFAULT_CHUNK_WORDS = 16384
+DEFAULT_CHUNK_WORDS = 32768
 _U32_TO_UNIT = 2.0**-32
 
 

@@ -28,6 +28,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import AbortReason, SecAggAborted
 from .prg import DeterministicRandom
@@ -94,8 +95,12 @@ def _try_regular(seed: bytes, n: int, k: int, attempt: int) -> set[tuple[int, in
     return edges
 
 
+@lru_cache(maxsize=8)
 def derive_graph(seed: bytes, num_nodes: int, degree: int) -> NeighbourGraph:
-    """The graph every party derives from the public ``seed`` (see module docstring)."""
+    """The graph every party derives from the public ``seed`` (see module docstring).
+
+    Cached (the result is immutable): parties sharing a process derive it once.
+    """
     n, k = num_nodes, degree
     if n < 2 or not 1 <= k <= n - 1:
         raise ValueError(f"no {k}-regular graph on {n} nodes")

@@ -39,6 +39,9 @@ COMPLETE_GRAPH_MAX_NODES = 64
 MIN_NODES = 2
 """Secure aggregation of one input is no aggregation."""
 
+MAX_NODES = 100_000
+"""Upper bound a node accepts: every node re-derives the whole graph (O(n k))."""
+
 
 def headroom_bits(max_nodes: int) -> int:
     """Bits kept free so that ``max_nodes`` inputs never overflow: ``ceil(log2 N) + 1``."""
@@ -112,8 +115,8 @@ class SecAggParams:
         """
         out: list[str] = []
         n, k, t = self.num_nodes, self.degree, self.threshold
-        if n < MIN_NODES:
-            return [f"num_nodes={n} < {MIN_NODES}"]
+        if not MIN_NODES <= n <= MAX_NODES:
+            return [f"num_nodes={n} outside [{MIN_NODES}, {MAX_NODES}]"]
         if k != recommended_degree(n):
             out.append(f"degree {k} != required {recommended_degree(n)} for {n} nodes")
         malicious = self.malicious or require_malicious

@@ -88,26 +88,35 @@ class DeterministicRandom:
     can reproduce it: read the AES-CTR keystream of
     ``derive_prg_key(seed, label)`` as consecutive little-endian uint64 words;
     ``randbelow(m)`` takes the next word ``w``, rejects it while
-    ``w >= 2**64 - (2**64 % m)`` and returns ``w % m``.
+    ``w >= 2**64 - (2**64 % m)`` and returns ``w % m``. :meth:`shuffle` is the
+    Durstenfeld Fisher–Yates shuffle on ``randbelow`` (vectorised, with the
+    same output).
     """
 
     _BATCH_WORDS = 1024
 
     def __init__(self, seed: bytes, label: bytes) -> None:
-        self._stream = KeyStream(derive_prg_key(seed, b"public-random|" + label))
-        self._zeros = memoryview(bytes(8 * self._BATCH_WORDS))
-        self._buf = bytearray(8 * self._BATCH_WORDS)
-        self._words: list[int] = []
-        self._pos = 0
+        self._key = derive_prg_key(seed, b"public-random|" + label)
+        self._index = 0  # words consumed
+        self._buf_start = 0
+        self._buf: list[int] = []
+
+    def _words(self, start: int, count: int) -> NDArray[np.uint64]:
+        """Keystream words ``[start, start + count)`` (random access via the counter)."""
+        first = start - start % 2  # keystream offsets are whole 16-byte blocks
+        nbytes = 8 * (count + start - first)
+        buf = bytearray(nbytes)
+        KeyStream(self._key, 8 * first).fill(memoryview(bytes(nbytes)), memoryview(buf))
+        return np.frombuffer(buf, dtype="<u8")[start - first :]
 
     def _next_word(self) -> int:
-        if self._pos == len(self._words):
-            self._stream.fill(self._zeros, memoryview(self._buf))
-            self._words = np.frombuffer(self._buf, dtype="<u8").tolist()
-            self._pos = 0
-        word = self._words[self._pos]
-        self._pos += 1
-        return word
+        pos = self._index - self._buf_start
+        if not 0 <= pos < len(self._buf):
+            self._buf_start = self._index
+            self._buf = self._words(self._index, self._BATCH_WORDS).tolist()
+            pos = 0
+        self._index += 1
+        return self._buf[pos]
 
     def randbelow(self, m: int) -> int:
         """A uniform integer in ``[0, m)`` (``1 <= m <= 2**64``)."""
@@ -120,7 +129,19 @@ class DeterministicRandom:
                 return word % m
 
     def shuffle(self, items: list[int]) -> None:
-        """Fisher–Yates shuffle in place (Durstenfeld, from the last index down)."""
-        for i in range(len(items) - 1, 0, -1):
-            j = self.randbelow(i + 1)
+        """Fisher–Yates shuffle in place (from the last index down), as ``randbelow`` defines."""
+        n = len(items)
+        if n < 2:
+            return
+        words = self._words(self._index, n - 1)
+        bounds = np.arange(n, 1, -1, dtype=np.uint64)  # i + 1 for i = n-1 .. 1
+        rem = (np.uint64(0xFFFFFFFFFFFFFFFF) % bounds + np.uint64(1)) % bounds  # 2**64 % m
+        accepted = (rem == 0) | (words < (np.uint64(0) - rem))
+        if not bool(accepted.all()):  # pragma: no cover - probability below n**2 / 2**64
+            for i in range(n - 1, 0, -1):
+                j = self.randbelow(i + 1)
+                items[i], items[j] = items[j], items[i]
+            return
+        self._index += n - 1
+        for i, j in zip(range(n - 1, 0, -1), (words % bounds).tolist(), strict=True):
             items[i], items[j] = items[j], items[i]

@@ -37,6 +37,11 @@ Message flow (coordinator side)::
     unmask_requests()                      -> {index: SecAggUnmaskRequest}
     receive_unmask_response(SecAggUnmaskResponse)
     finish()                               -> AggregateResult  (or SecAggAborted)
+
+Each ``key_directories`` / ``share_deliveries`` / ... call closes a phase: the
+coordinator calls it when all expected messages arrived or the phase deadline
+passed; later messages of the closed phase are rejected (the node has
+dropped). A server is used from one thread at a time.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from enum import Enum
 
 import numpy as np
 from numpy.typing import NDArray
+
 from wharf.proto import secagg_pb2 as pb
 
 from . import shamir
@@ -72,8 +78,26 @@ from .wire import COORDINATOR, check_header, make_header, params_to_proto, roste
 
 Verify = Callable[[str, bytes, bytes], bool]
 
-MAX_RECONSTRUCTION_ATTEMPTS = 64
+MAX_RECONSTRUCTION_ATTEMPTS = 256
 """Share subsets tried per secret when the first reconstruction fails its check."""
+
+
+def _subsets(xs: list[int], t: int) -> Iterator[tuple[int, ...]]:
+    """Distinct ``t``-subsets of ``xs``, leaving out ever more holders (0, then 1, 2 ...).
+
+    With one lying holder among ``m`` shares the honest subset is found within
+    ``m + 1`` attempts, whichever holder lied.
+    """
+    tried: set[tuple[int, ...]] = set()
+    for r in range(len(xs) - t + 1):
+        for excluded in itertools.combinations(xs, r):
+            subset = tuple(x for x in xs if x not in excluded)[:t]
+            if subset in tried:
+                continue
+            tried.add(subset)
+            yield subset
+            if len(tried) >= MAX_RECONSTRUCTION_ATTEMPTS:
+                return
 
 
 class ServerState(Enum):
@@ -103,7 +127,12 @@ class AggregateResult:
 
 
 class SecAggServer:
-    """Runs one round for ``roster`` (``roster[i - 1]`` is the name of node ``i``)."""
+    """Runs one round for ``roster`` (``roster[i - 1]`` is the name of node ``i``).
+
+    ``certificates`` (PEM, one per roster entry) are relayed to the nodes so
+    they can verify each other's signatures; ``verify(name, data, signature)``
+    checks a node's signature with its certified key.
+    """
 
     def __init__(
         self,
@@ -115,10 +144,13 @@ class SecAggServer:
         num_values: int,
         verify: Verify,
         graph_seed: bytes | None = None,
+        certificates: Sequence[bytes] = (),
         threads: int | None = None,
     ) -> None:
         if len(roster) != params.num_nodes or len(set(roster)) != len(roster):
             raise ValueError("roster must list num_nodes distinct node names")
+        if certificates and (len(certificates) != len(roster) or not all(certificates)):
+            raise ValueError("give one certificate per roster entry, or none")
         params.check_rules(require_malicious=params.malicious)
         if num_values < 1:
             raise ValueError("num_values must be positive")
@@ -126,6 +158,7 @@ class SecAggServer:
         self.round_number = round_number
         self.params = params
         self.roster = tuple(roster)
+        self.certificates = tuple(certificates)
         self.num_values = num_values
         self.threads = threads
         self._verify = verify
@@ -138,6 +171,7 @@ class SecAggServer:
             roster=self.roster,
             graph_seed=self.graph_seed,
             num_values=num_values,
+            certificates=self.certificates,
         )
         self.state = ServerState.ADVERTISE
         self._adverts: dict[int, pb.SecAggAdvertiseKeys] = {}
@@ -152,7 +186,7 @@ class SecAggServer:
 
     # ----------------------------------------------------------------- helpers
 
-    def _header(self, phase: Phase) -> pb.SecAggHeader:
+    def header(self, phase: Phase) -> pb.SecAggHeader:
         return make_header(
             phase,
             job_id=self.job_id,
@@ -189,7 +223,7 @@ class SecAggServer:
                 context=self.context,
                 what=what,
             )
-        sender = header.sender
+        sender = int(header.sender)
         if not 1 <= sender <= len(self.roster):
             raise MessageRejected(AbortReason.BAD_MESSAGE, f"{what} from unknown node {sender}")
         return sender
@@ -254,10 +288,10 @@ class SecAggServer:
     def setup_messages(self) -> dict[int, pb.SecAggSetup]:
         """The setup message for every node in the roster."""
         params = params_to_proto(self.params)
-        roster = roster_to_proto(self.roster)
+        roster = roster_to_proto(self.roster, self.certificates)
         return {
             i: pb.SecAggSetup(
-                header=self._header(Phase.SETUP),
+                header=self.header(Phase.SETUP),
                 params=params,
                 roster=roster,
                 graph_seed=self.graph_seed,
@@ -290,7 +324,7 @@ class SecAggServer:
         self.state = ServerState.SHARE_KEYS
         return {
             i: pb.SecAggKeyDirectory(
-                header=self._header(Phase.ADVERTISE_KEYS),
+                header=self.header(Phase.ADVERTISE_KEYS),
                 advertisements=[self._adverts[j] for j in sorted(self.graph.neighbours(i) & u1)],
             )
             for i in sorted(u1)
@@ -334,7 +368,7 @@ class SecAggServer:
         self._delivered = {i: frozenset(s.sender for s in inbox[i]) for i in u2}
         self.state = ServerState.MASKED_INPUT
         return {
-            i: pb.SecAggShareDelivery(header=self._header(Phase.SHARE_KEYS), shares=inbox[i])
+            i: pb.SecAggShareDelivery(header=self.header(Phase.SHARE_KEYS), shares=inbox[i])
             for i in sorted(u2)
         }
 
@@ -388,9 +422,7 @@ class SecAggServer:
         self._survivors = tuple(sorted(self._u3))
         self.state = ServerState.CONSISTENCY
         return {
-            i: pb.SecAggSurvivors(
-                header=self._header(Phase.MASKED_INPUT), survivors=self._survivors
-            )
+            i: pb.SecAggSurvivors(header=self.header(Phase.MASKED_INPUT), survivors=self._survivors)
             for i in self._survivors
         }
 
@@ -429,7 +461,7 @@ class SecAggServer:
             key_owners = frozenset(held & dropped)
             self._requests[i] = (self_owners, key_owners)
             out[i] = pb.SecAggUnmaskRequest(
-                header=self._header(Phase.CONSISTENCY_CHECK),
+                header=self.header(Phase.CONSISTENCY_CHECK),
                 survivors=self._survivors,
                 signatures=[
                     pb.SecAggSurvivorSignature(signer=j, signature=self._signatures[j])
@@ -483,10 +515,7 @@ class SecAggServer:
                 AbortReason.BELOW_THRESHOLD,
                 f"{what} of node {owner}: {len(shares)} shares revealed, threshold {t}",
             )
-        xs = sorted(shares)
-        for attempt, subset in enumerate(itertools.combinations(xs, t)):
-            if attempt >= MAX_RECONSTRUCTION_ATTEMPTS:
-                break
+        for subset in _subsets(sorted(shares), t):
             try:
                 secret = shamir.reconstruct({x: shares[x] for x in subset}, t)
             except shamir.ShamirError:

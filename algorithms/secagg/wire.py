@@ -27,7 +27,7 @@ def make_header(
         protocol_version=PROTOCOL_VERSION,
         job_id=job_id,
         round=round_number,
-        phase=int(phase),  # type: ignore[arg-type]
+        phase=int(phase),
         sender=sender,
         context_hash=context,
     )
@@ -90,21 +90,36 @@ def params_from_proto(msg: pb.SecAggParameters) -> SecAggParams:
     )
 
 
-def roster_from_proto(entries: Sequence[pb.SecAggRosterEntry]) -> tuple[str, ...]:
-    """Roster as a tuple of names, ``roster[i - 1]`` for index ``i``; refuses gaps and repeats."""
-    by_index: dict[int, str] = {}
+def roster_from_proto(
+    entries: Sequence[pb.SecAggRosterEntry],
+) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    """Names (``names[i - 1]`` for index ``i``) and relayed certificates (empty if none).
+
+    Refuses gaps, repeated indices or names, and a roster where only some
+    entries carry a certificate.
+    """
+    by_index: dict[int, pb.SecAggRosterEntry] = {}
     for entry in entries:
         if entry.index in by_index:
             raise SecAggAborted(AbortReason.BAD_PARAMETERS, f"roster repeats index {entry.index}")
-        by_index[entry.index] = entry.node_id
+        by_index[entry.index] = entry
     n = len(by_index)
     if sorted(by_index) != list(range(1, n + 1)):
         raise SecAggAborted(AbortReason.BAD_PARAMETERS, "roster indices must be exactly 1..n")
-    names = tuple(by_index[i] for i in range(1, n + 1))
+    names = tuple(by_index[i].node_id for i in range(1, n + 1))
     if len(set(names)) != n or any(not name for name in names):
         raise SecAggAborted(AbortReason.BAD_PARAMETERS, "roster names must be unique, non-empty")
-    return names
+    certs = tuple(by_index[i].certificate for i in range(1, n + 1))
+    if any(certs) and not all(certs):
+        raise SecAggAborted(AbortReason.BAD_PARAMETERS, "roster certificates must be all or none")
+    return names, (certs if any(certs) else ())
 
 
-def roster_to_proto(roster: Sequence[str]) -> list[pb.SecAggRosterEntry]:
-    return [pb.SecAggRosterEntry(index=i, node_id=name) for i, name in enumerate(roster, 1)]
+def roster_to_proto(
+    roster: Sequence[str], certificates: Sequence[bytes] = ()
+) -> list[pb.SecAggRosterEntry]:
+    certs = list(certificates) or [b""] * len(roster)
+    return [
+        pb.SecAggRosterEntry(index=i, node_id=name, certificate=cert)
+        for i, (name, cert) in enumerate(zip(roster, certs, strict=True), 1)
+    ]
