@@ -48,7 +48,10 @@ DATASET = "breast_cancer"
 LABEL = "diagnosis"
 JOB_TIMEOUT_S = 900.0
 _SECAGG_EVIDENCE = re.compile(r"secagg|secure[ _-]?aggregat|unmask|masked", re.IGNORECASE)
-_NOT_SECURE = re.compile(r"secure aggregation is OFF", re.IGNORECASE)
+_NOT_SECURE = re.compile(
+    r"secure aggregation is OFF|secagg.*(unavailable|disabled|not supported|fall(ing)? ?back)"
+    r"|(unavailable|disabled|not supported|fall(ing)? ?back).*secure aggregation",
+    re.IGNORECASE)
 
 
 class WorkerWatcher(threading.Thread):
@@ -179,8 +182,9 @@ def _secure_evidence(fed: Any, client: Any, job_id: str) -> tuple[bool, str]:
             messages.append(f"{ev.kind}: {ev.message}")
     except Exception as exc:  # the stream ends with the job; a failure here is not fatal
         messages.append(f"(watch failed: {exc})")
-    if any(_NOT_SECURE.search(m) for m in messages):
-        return False, "the coordinator announced that secure aggregation is OFF"
+    refusals = [m for m in messages if _NOT_SECURE.search(m)]
+    if refusals:
+        return False, f"the coordinator said: {refusals[0][:160]}"
     for m in messages:
         if _SECAGG_EVIDENCE.search(m):
             return True, f"job event: {m[:120]}"
@@ -191,7 +195,7 @@ def _secure_evidence(fed: Any, client: Any, job_id: str) -> tuple[bool, str]:
             return True, f"round metrics {keys}"
     log = fed.tail("coordinator", 400)
     for line in log.splitlines():
-        if job_id[:8] in line and _SECAGG_EVIDENCE.search(line):
+        if job_id[:8] in line and _SECAGG_EVIDENCE.search(line) and not _NOT_SECURE.search(line):
             return True, f"coordinator log: {line.strip()[:120]}"
     return False, f"no SecAgg task, event, metric or log line (task kinds: {kinds})"
 

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python -m benchmarks.kernels                 # full suite, ~5 minutes
+    .venv/bin/python -m benchmarks.kernels                 # full suite, ~2 minutes
     .venv/bin/python -m benchmarks.kernels --quick         # smoke sizes, < 1 minute
     .venv/bin/python -m benchmarks.kernels --e2e           # + one secure vs plaintext round
     .venv/bin/python -m benchmarks.kernels --out DIR       # where results go
@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ from .harness import Case, Timing, load_average, machine_info, measure
 
 MASK_STREAMS = 9
 """Self mask + k = 8 pairwise masks: the keystream streams one client generates."""
+
+PROPOSED_THREAD_CHUNK = 131072
+"""Words per chunk when two threads share the kernel (proposed default, see README):
+fewer, longer GIL-free calls per byte, so the two threads stop queueing for the GIL."""
 
 AES_CHUNK_SMALL = 64 * 1024
 AES_CHUNK_LARGE = 1024 * 1024
@@ -70,6 +75,7 @@ class Config:
     aes_bytes: int
     add_out_of_cache_bytes: int
     e2e: bool = False
+    prototypes: bool = True
     e2e_params: int = 1_000_000
     e2e_nodes: int = 10
     sections: list[str] = field(default_factory=list)
@@ -89,8 +95,30 @@ class Config:
             mode="quick", repeats=3, warmup=1, mask_sizes=[10**5, 10**6],
             server_nodes=[10], server_values=10**5, shamir_holders=[10, 100],
             round_nodes=[10], key_degrees=[8], wire_values=10**5,
-            aes_bytes=64 << 20, add_out_of_cache_bytes=64 << 20,
+            aes_bytes=64 << 20, add_out_of_cache_bytes=64 << 20, prototypes=False,
         )
+
+
+def call(fn: Callable[..., object], *args: Any, **kwargs: Any) -> Callable[[Any], object]:
+    """A :class:`Case` body that ignores the prepared state and calls ``fn(*args, **kwargs)``.
+
+    Arguments are bound now, so a case built in a loop keeps its own inputs.
+    """
+
+    def run(_state: Any) -> object:
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _collecting(results: list[Any], phases: dict[str, list[float]]) -> Callable[[Any], object]:
+    """The timed Wharf server case: aggregate the replayed round, keep the result to check."""
+
+    def run(state: Any) -> object:
+        results.append(wh.server_aggregate(state, phases))
+        return None
+
+    return run
 
 
 def _ratio(a: float, b: float) -> float:
@@ -121,6 +149,26 @@ def _aes_fill(total: int, chunk: int) -> Callable[[Any], None]:
     return run
 
 
+def _aes_two_threads(total: int, chunk: int) -> Callable[[Any], None]:
+    """Two threads, each with its own encryptor and buffer, half the bytes each.
+
+    Shows whether ``update_into`` releases the GIL (then this approaches twice
+    the one-thread rate); it is context, not the limit the targets use.
+    """
+    import threading
+
+    work = [_aes_fill(total // 2, chunk), _aes_fill(total // 2, chunk)]
+
+    def run(_: Any) -> None:
+        threads = [threading.Thread(target=w, args=(None,)) for w in work]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return run
+
+
 def _add_loop(num_words: int, total_words: int) -> Callable[[Any], None]:
     a = np.ones(num_words, dtype=np.uint32)
     b = np.full(num_words, 3, dtype=np.uint32)
@@ -138,7 +186,8 @@ def section_limit(cfg: Config) -> dict[str, Any]:
     total = cfg.aes_bytes
     aes = measure(
         [Case("aes_64KiB", _aes_fill(total, AES_CHUNK_SMALL)),
-         Case("aes_1MiB", _aes_fill(total, AES_CHUNK_LARGE))],
+         Case("aes_1MiB", _aes_fill(total, AES_CHUNK_LARGE)),
+         Case("aes_1MiB_2threads", _aes_two_threads(total, AES_CHUNK_LARGE))],
         cfg.repeats, cfg.warmup,
     )
     in_words = (64 << 10) // 4
@@ -151,11 +200,12 @@ def section_limit(cfg: Config) -> dict[str, Any]:
     )
     in_elems = max(1, add_total // in_words) * in_words
     out_elems = max(1, max(add_total, out_words) // out_words) * out_words
-    aes_rates = {k: total / t.median / 1e9 for k, t in aes.items()}
+    aes_rates = {k: total / t.median / 1e9 for k, t in aes.items() if "threads" not in k}
     return {
         "aes_bytes_per_run": total,
         "aes_gbps": aes_rates,
         "aes_limit_gbps": max(aes_rates.values()),
+        "aes_two_threads_gbps": total / aes["aes_1MiB_2threads"].median / 1e9,
         "numpy_add": {
             "in_cache_64KiB": {
                 "gelem_per_s": in_elems / adds["add_in_cache_64KiB"].median / 1e9,
@@ -175,7 +225,20 @@ def section_limit(cfg: Config) -> dict[str, Any]:
 
 
 def section_masking(cfg: Config) -> dict[str, Any]:
-    """Quantise + self mask + 8 pairwise masks: Wharf, Wharf on one thread, Flower, AES limit."""
+    """Quantise + self mask + 8 pairwise masks: Wharf, Wharf on one thread, Flower, AES limit.
+
+    With ``cfg.prototypes`` the two-process kernel proposed in
+    :mod:`.prototypes` runs in the same alternation (reported apart, never as Wharf).
+    """
+    if not cfg.prototypes:
+        return _masking(cfg, None)
+    from .prototypes import TwoProcessMasker
+
+    with TwoProcessMasker() as masker:
+        return _masking(cfg, masker)
+
+
+def _masking(cfg: Config, masker: Any) -> dict[str, Any]:
     k = MASK_STREAMS - 1
     rows = []
     for n in cfg.mask_sizes:
@@ -187,14 +250,28 @@ def section_masking(cfg: Config) -> dict[str, Any]:
         material = MASK_STREAMS * 4 * n
         scratch = np.zeros(wsetup.layout.length, dtype=np.uint32)
         cases = [
-            Case("wharf", lambda _s, w=wsetup, u=update: wh.mask_update(w, u)),
-            Case("flower", lambda _s, f=fsetup, u=update: fl.mask_update(f, [u])),
-            Case("wharf_1thread", lambda _s, w=wsetup, u=update: wh.mask_update(w, u, threads=1)),
+            Case("wharf", call(wh.mask_update, wsetup, update)),
+            Case("flower", call(fl.mask_update, fsetup, [update])),
+            Case("wharf_1thread", call(wh.mask_update, wsetup, update, threads=1)),
+            Case("wharf_2threads_big_chunks", call(wh.mask_update, wsetup, update, threads=2,
+                                                   chunk_words=PROPOSED_THREAD_CHUNK)),
             Case("aes_limit_same_bytes", _aes_fill(
                 -(-material // AES_CHUNK_LARGE) * AES_CHUNK_LARGE, AES_CHUNK_LARGE)),
-            Case("wharf_mask_only", lambda _s, w=wsetup, o=scratch: wh.unmask_only(o, w)),
+            Case("wharf_mask_only", call(wh.unmask_only, scratch, wsetup)),
         ]
+        proto: dict[str, Any] = {}
+        if masker is not None:
+            from .prototypes import is_bit_identical, prototype_mask
+
+            proto["bit_identical"] = is_bit_identical(masker, update, wsetup)
+            cases.append(Case("prototype_2proc",
+                              call(prototype_mask, masker, wsetup, update)))
         ts = measure(cases, cfg.repeats, cfg.warmup)
+        if masker is not None:
+            tp = ts["prototype_2proc"].median
+            proto.update(seconds=tp, material_gbps=material / tp / 1e9,
+                         speedup_vs_wharf=_ratio(ts["wharf"].median, tp),
+                         speedup_vs_flower=_ratio(ts["flower"].median, tp))
         tw, tf, taes = ts["wharf"].median, ts["flower"].median, ts["aes_limit_same_bytes"].median
         aes_bytes = -(-material // AES_CHUNK_LARGE) * AES_CHUNK_LARGE
         aes_rate = aes_bytes / taes / 1e9
@@ -205,6 +282,9 @@ def section_masking(cfg: Config) -> dict[str, Any]:
             "correct": wh.masking_is_exact(wsetup, update),
             "wharf_s": tw,
             "wharf_1thread_s": ts["wharf_1thread"].median,
+            "wharf_2threads_big_chunks_s": ts["wharf_2threads_big_chunks"].median,
+            "wharf_2threads_big_chunks_fraction_of_aes":
+                (material / ts["wharf_2threads_big_chunks"].median / 1e9) / aes_rate,
             "wharf_mask_only_s": ts["wharf_mask_only"].median,
             "flower_s": tf,
             "speedup_vs_flower": _ratio(tf, tw),
@@ -214,6 +294,8 @@ def section_masking(cfg: Config) -> dict[str, Any]:
             "aes_limit_gbps": aes_rate,
             "fraction_of_aes": (material / tw / 1e9) / aes_rate,
             "mask_only_fraction_of_aes": (material / ts["wharf_mask_only"].median / 1e9) / aes_rate,
+            "prototype_2proc": ({**proto, "fraction_of_aes": proto["material_gbps"] / aes_rate}
+                                if "seconds" in proto else None),
             "timings": _timings(ts),
         })
     return {"k": k, "streams": MASK_STREAMS, "rows": rows}
@@ -236,10 +318,8 @@ def section_server(cfg: Config) -> dict[str, Any]:
         fphases: dict[str, list[float]] = {}
         results: list[Any] = []
         cases = [
-            Case("wharf",
-                 lambda srv, r=rec, o=results, p=wphases: o.append(wh.server_aggregate(srv, r, p)),
-                 prepare=lambda r=rec: wh.fresh_server(r)),
-            Case("flower", lambda _s, f=frnd, p=fphases: fl.server_aggregate(f, p)),
+            Case("wharf", _collecting(results, wphases), prepare=partial(wh.fresh_server, rec)),
+            Case("flower", call(fl.server_aggregate, frnd, fphases)),
         ]
         ts = measure(cases, cfg.repeats, cfg.warmup)
         skip = cfg.warmup
@@ -277,14 +357,14 @@ def section_shamir(cfg: Config) -> dict[str, Any]:
         ok = (wh.shamir_reconstruct(wsub, t) == secret
               and fl.shamir_reconstruct(fshares[:t]) == secret)
         split = measure(
-            [Case("wharf", lambda _s, t=t, n=n, x=secret: wh.shamir_split(x, t, n)),
-             Case("flower", lambda _s, t=t, n=n, x=secret: fl.shamir_split(x, t, n))],
+            [Case("wharf", call(wh.shamir_split, secret, t, n)),
+             Case("flower", call(fl.shamir_split, secret, t, n))],
             cfg.repeats, cfg.warmup,
         )
         rec = measure(
-            [Case("wharf_cold", lambda _s, t=t, s=wsub: wh.shamir_reconstruct(s, t, cold=True)),
-             Case("flower", lambda _s, t=t, s=fshares: fl.shamir_reconstruct(s[:t])),
-             Case("wharf_cached", lambda _s, t=t, s=wsub: wh.shamir_reconstruct(s, t, cold=False))],
+            [Case("wharf_cold", call(wh.shamir_reconstruct, wsub, t, cold=True)),
+             Case("flower", call(fl.shamir_reconstruct, fshares[:t])),
+             Case("wharf_cached", call(wh.shamir_reconstruct, wsub, t, cold=False))],
             cfg.repeats, cfg.warmup,
         )
         kernel.append({
@@ -377,8 +457,8 @@ def section_keys(cfg: Config) -> dict[str, Any]:
         _log(f"key agreement k={k}")
         wpeers, fpeers = wh.peer_keys(k), fl.peer_keys(k)
         ts = measure(
-            [Case("wharf", lambda _s, p=wpeers: wh.key_agreement_round(p)),
-             Case("flower", lambda _s, p=fpeers: fl.key_agreement_round(p))],
+            [Case("wharf", call(wh.key_agreement_round, wpeers)),
+             Case("flower", call(fl.key_agreement_round, fpeers))],
             max(cfg.repeats, 5), cfg.warmup,
         )
         rows.append({
@@ -522,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="",
                         help=f"comma-separated subset of sections: {','.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=0, help="override timed runs per figure")
+    parser.add_argument("--no-prototypes", action="store_true",
+                        help="skip the proposed two-process masking prototype")
     args = parser.parse_args(argv)
     cfg = Config.quick() if args.quick else Config.full()
     cfg.e2e = args.e2e
@@ -532,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown sections: {sorted(unknown)}")
     if args.repeats:
         cfg.repeats = args.repeats
+    if args.no_prototypes:
+        cfg.prototypes = False
     results = run(cfg, args.out)
     for t in results["targets"]:
         measured = t["measured"]

@@ -85,6 +85,8 @@ def markdown(results: dict[str, Any]) -> str:
         for name, rate in lim["aes_gbps"].items():
             chunk = name.split("_", 1)[1]
             add(f"| AES-128-CTR keystream, `update_into` {chunk} chunks | {rate:.2f} GB/s |")
+        add(f"| (context) the same on 2 threads, 1 MiB chunks — shows `update_into` releases "
+            f"the GIL | {lim['aes_two_threads_gbps']:.2f} GB/s |")
         na = lim["numpy_add"]
         add(f"| NumPy uint32 add, 64 KiB arrays (in cache) | "
             f"{na['in_cache_64KiB']['gelem_per_s']:.2f} G adds/s "
@@ -102,18 +104,34 @@ def markdown(results: dict[str, Any]) -> str:
         add("Mask material = 9 streams × 4 B × n; its rate is compared with raw AES-128-CTR "
             "producing the same number of bytes, measured in the same alternation.")
         add("")
-        add("| n | Wharf | Wharf 1 thread | Flower | speed-up | Wharf material | AES limit "
-            "| fraction of AES | mask-only fraction | exact |")
-        add("|---|---|---|---|---|---|---|---|---|---|")
+        add("| n | Wharf (defaults) | Flower | speed-up | Wharf material | AES limit "
+            "| fraction of AES | exact |")
+        add("|---|---|---|---|---|---|---|---|")
         for r in mk["rows"]:
             add(f"| {r['n']:.0e} | {_t(r['wharf_s'])} (threads={r['wharf_threads_default']}) "
-                f"| {_t(r['wharf_1thread_s'])} | {_t(r['flower_s'])} | "
-                f"**{_x(r['speedup_vs_flower'])}** | {r['wharf_material_gbps']:.2f} GB/s | "
-                f"{r['aes_limit_gbps']:.2f} GB/s | **{r['fraction_of_aes']:.0%}** | "
-                f"{r['mask_only_fraction_of_aes']:.0%} | {_ok(r['correct'])} |")
+                f"| {_t(r['flower_s'])} | **{_x(r['speedup_vs_flower'])}** | "
+                f"{r['wharf_material_gbps']:.2f} GB/s | {r['aes_limit_gbps']:.2f} GB/s | "
+                f"**{r['fraction_of_aes']:.0%}** | {_ok(r['correct'])} |")
         add("")
-        add("*mask-only* is the same kernel without quantisation (what the coordinator runs "
-            "to unmask): it shows how much of the gap to AES is the encoding.")
+        add("Variants in the same alternation (fraction of the same AES limit). *mask-only*: "
+            "the kernel without quantisation (what the coordinator runs to unmask) — the gap "
+            "to it is the encoding. *2 threads, 128 Ki-word chunks*: Wharf's own "
+            "`apply_masks` with the proposed threaded defaults. *2-process prototype*: "
+            "`benchmarks/prototypes.py`, not Wharf's kernel.")
+        add("")
+        add("| n | Wharf 1 thread | mask-only | 2 threads, 128 Ki-word chunks "
+            "| 2-process prototype |")
+        add("|---|---|---|---|---|")
+        for r in mk["rows"]:
+            p = r.get("prototype_2proc")
+            proto = (f"{_t(p['seconds'])} ({p['fraction_of_aes']:.0%}, bit-identical "
+                     f"{_ok(p['bit_identical'])})" if p else "not run")
+            aes = r["aes_limit_gbps"] * 1e9
+            frac1 = r["mask_material_bytes"] / r["wharf_1thread_s"] / aes
+            add(f"| {r['n']:.0e} | {_t(r['wharf_1thread_s'])} ({frac1:.0%}) | "
+                f"{_t(r['wharf_mask_only_s'])} ({r['mask_only_fraction_of_aes']:.0%}) | "
+                f"{_t(r['wharf_2threads_big_chunks_s'])} "
+                f"({r['wharf_2threads_big_chunks_fraction_of_aes']:.0%}) | {proto} |")
         add("")
 
     sv = results.get("server")
@@ -243,7 +261,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
     rows = mk["rows"]
     ns = [r["n"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 4.8), dpi=120)
     aes = [r["aes_limit_gbps"] for r in rows]
     ax.plot(ns, aes, "k-", marker="s", label="raw AES-128-CTR keystream (1 core)")
     ax.plot(ns, [0.7 * a for a in aes], "k:", label="70 % of AES (target)")
@@ -253,6 +271,13 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             marker=".", alpha=0.6, label="Wharf, 1 thread")
     ax.plot(ns, [9 * 4 * r["n"] / r["wharf_mask_only_s"] / 1e9 for r in rows], "C2-.",
             marker="^", alpha=0.8, label="Wharf mask-only (no quantisation)")
+    ax.plot(ns, [9 * 4 * r["n"] / r["wharf_2threads_big_chunks_s"] / 1e9 for r in rows], "C1--",
+            marker="v", alpha=0.8, label="Wharf, 2 threads, 128 Ki-word chunks (proposed)")
+    protos = [(r["n"], r["prototype_2proc"]["material_gbps"]) for r in rows
+              if r.get("prototype_2proc")]
+    if protos:
+        ax.plot([p[0] for p in protos], [p[1] for p in protos], "C4:", marker="D", alpha=0.8,
+                label="2-process prototype (benchmarks/prototypes.py)")
     ax.plot(ns, [r["flower_material_gbps"] for r in rows], "C3-", marker="o",
             label="Flower 1.41: quantize + pseudo_rand_gen")
     for r in rows:
@@ -264,7 +289,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("mask material GB/s (9 × 4 B × n / time)")
     ax.set_title("Client masking throughput, k = 8 neighbours")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -77,7 +77,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def TaskStream(  # noqa: N802
         self, request: pb.TaskStreamRequest, context: grpc.ServicerContext, *, caller: Caller
     ) -> Iterator[pb.Task]:
-        session = self.ctx.sessions.open(caller.name)
+        certs = context.auth_context().get("x509_pem_cert") or [b""]
+        session = self.ctx.sessions.open(caller.name, certs[0])
         context.add_callback(session.close)
         log.info("node %s connected", caller.name)
         try:
@@ -122,7 +123,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 result.blob_path = spool.finish()
                 result.blob_sha = header.blob.sha256
                 spool = None
-            elif header.ok and header.kind in (pb.TASK_TRAIN, pb.TASK_STATS):
+            elif header.ok and header.kind in (pb.TASK_TRAIN, pb.TASK_STATS) and not header.secagg:
                 raise ValueError("a successful result must carry its payload")
             collector.deliver(result)
         except (ResultRejected, TransferError) as exc:

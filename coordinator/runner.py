@@ -20,8 +20,10 @@ import numpy as np
 
 from wharf import bundle as bundle_mod
 from wharf import spec as spec_mod
-from wharf.algorithms import models, strategies, training
+from wharf.algorithms import models, secure_vectors, strategies, training
+from wharf.algorithms.secagg import SecAggParams, VectorLayout
 from wharf.coordinator.blobs import BlobStore
+from wharf.coordinator.secure_round import SecureOutcome, SecureRound, SecureRoundFailed
 from wharf.coordinator.sessions import NodeSession, SessionRegistry
 from wharf.coordinator.store import Store
 from wharf.coordinator.tasks import ResultRejected, RoundCollector, TaskBroker, TaskResult
@@ -54,6 +56,8 @@ class Context:
     sessions: SessionRegistry
     broker: TaskBroker
     poll_s: float = 0.5
+    ca_pem: bytes | None = None
+    """The deployment CA (None in plaintext mode, where secure aggregation is unavailable)."""
 
 
 def model_options(spec: spec_mod.JobSpec) -> dict[str, object]:
@@ -263,6 +267,32 @@ class JobRunner(threading.Thread):
         for attempt in range(fed.max_round_retries + 1):
             self._check()
             nodes = self._wait_for_nodes(fed.min_nodes, fed.wait_for_nodes_s, quiet=True)
+            if fed.secure:
+                n_features = int(np.prod(shape))
+                try:
+                    outcome = self._secure(
+                        0, attempt, pb.TASK_STATS, nodes, "",
+                        lambda params: secure_vectors.stats_layout(
+                            params, n_features, self._row_cap(nodes)
+                        ),
+                    )
+                    total, total_sq, count = secure_vectors.decode_stats(
+                        outcome.params, outcome.sums
+                    )
+                except RoundFailed as exc:
+                    reason = str(exc)
+                    self.ctx.store.add_event(
+                        self.job_id, "message", message=f"statistics round: {reason}"
+                    )
+                    continue
+                self.ctx.store.add_event(
+                    self.job_id, "message",
+                    message=f"feature statistics securely aggregated over "
+                    f"{len(outcome.contributors)} nodes ({count} rows)",
+                )
+                return training.moments_to_standardization(
+                    total.reshape(shape), total_sq.reshape(shape), count
+                )
 
             def validate(result: TaskResult) -> object:
                 arrays = _read_arrays(result)
@@ -301,11 +331,19 @@ class JobRunner(threading.Thread):
         nodes: list[NodeSession],
         model_sha: str,
         validator: Callable[[TaskResult], object],
+        *,
+        customize: Callable[[pb.Task, str], None] | None = None,
+        deadline: float | None = None,
     ) -> list[TaskResult]:
-        """Send one task per node, wait for answers until the round deadline."""
+        """Send one task per node, wait for answers until the deadline.
+
+        ``customize(task, node_name)`` fills in per-node fields (secure
+        aggregation phase messages); ``deadline`` defaults to the round timeout.
+        """
         ctx = self.ctx
         fed = self.spec.federation
-        deadline = time.time() + fed.round_timeout_s
+        if deadline is None:
+            deadline = time.time() + fed.round_timeout_s
         model_ref = ctx.blobs.ref(model_sha) if model_sha else pb.BlobRef()
         bundle_ref = ctx.blobs.ref(self.bundle_sha) if self.bundle_sha else pb.BlobRef()
         assignment = {uuid.uuid4().hex: s.name for s in nodes}
@@ -325,6 +363,8 @@ class JobRunner(threading.Thread):
                     model=model_ref, bundle=bundle_ref, dataset=self.spec.data.dataset,
                     deadline_unix=deadline, secure=False,
                 )
+                if customize is not None:
+                    customize(task, name)
                 if not ctx.sessions.send(name, task):
                     collector.node_lost(name)
             # A node that disconnects now fails its task at once.
@@ -340,7 +380,7 @@ class JobRunner(threading.Thread):
             for task_id, name in assignment.items():
                 r = collector.results.get(task_id) or TaskResult(
                     task_id=task_id, node=name, ok=False,
-                    error=f"no answer within {fed.round_timeout_s:.0f} s",
+                    error=f"no answer within the deadline ({kind_name})",
                 )
                 ctx.store.finish_task(
                     task_id, ok=r.ok, error=r.error, result_sha=r.blob_sha,
@@ -367,6 +407,9 @@ class JobRunner(threading.Thread):
         global_weights = load_weights_blob(ctx.blobs, model_sha)
         layout = {k: v.shape for k, v in global_weights.items()}
         ctx.store.start_round(self.job_id, rnd, attempt, [s.name for s in nodes])
+        if fed.secure:
+            self._run_secure_round(rnd, attempt, nodes, model_sha, state_sha, global_weights)
+            return
 
         def validate(result: TaskResult) -> object:
             delta = _read_arrays(result)
@@ -412,6 +455,77 @@ class JobRunner(threading.Thread):
         finally:
             for r in results:
                 r.discard()
+
+    def _secure(
+        self, rnd: int, attempt: int, kind: int, nodes: list[NodeSession], model_sha: str,
+        make_layout: Callable[[SecAggParams], VectorLayout],
+    ) -> SecureOutcome:
+        """Run one secure-aggregation round; any protocol failure fails the round."""
+        if self.ctx.ca_pem is None:
+            raise JobFailed(
+                "secure aggregation needs mTLS identities; this coordinator runs in plaintext "
+                "mode (submit with federation.secure = false for plaintext experiments)"
+            )
+        row_cap = self._row_cap(nodes)
+        try:
+            outcome = SecureRound(
+                dispatch=self._dispatch, job_id=self.job_id, rnd=rnd, attempt=attempt, kind=kind,
+                nodes=nodes, model_sha=model_sha, ca_pem=self.ctx.ca_pem,
+                make_layout=make_layout, weight_scale=row_cap,
+                deadline=time.time() + self.spec.federation.round_timeout_s,
+            ).run()
+        except SecureRoundFailed as exc:
+            raise RoundFailed(str(exc)) from None
+        need = self.spec.federation.min_nodes
+        if len(outcome.contributors) < need:
+            raise RoundFailed(
+                f"only {len(outcome.contributors)} nodes contributed to the secure sum, "
+                f"{need} required"
+            )
+        return outcome
+
+    def _row_cap(self, nodes: list[NodeSession]) -> int:
+        """Public bound on a node's example count: the largest registered row count."""
+        rows = [int(s.datasets[self.spec.data.dataset].get("rows", 0)) for s in nodes]
+        return max(1, *rows)
+
+    def _run_secure_round(
+        self, rnd: int, attempt: int, nodes: list[NodeSession], model_sha: str, state_sha: str,
+        global_weights: dict[str, np.ndarray],
+    ) -> None:
+        """A training round under SecAgg+: the coordinator sees only the sums."""
+        ctx = self.ctx
+        flat, layout = models.flatten(global_weights)
+        row_cap = self._row_cap(nodes)
+        outcome = self._secure(
+            rnd, attempt, pb.TASK_TRAIN, nodes, model_sha,
+            lambda params: secure_vectors.update_layout(params, flat.size, row_cap),
+        )
+        try:
+            mean, total, metric_sums = secure_vectors.decode_update(outcome.sums, row_cap)
+        except secure_vectors.VectorError as exc:
+            raise RoundFailed(str(exc)) from None
+        avg = models.unflatten(mean, layout)
+        # Keep the reference dtypes (the vector carries float32 deltas).
+        avg = {k: v.astype(global_weights[k].dtype) for k, v in avg.items()}
+        new_weights, new_state = self._apply_strategy(global_weights, avg, state_sha, rnd)
+        model_ref = ctx.blobs.put_bytes(models.weights_to_bytes(new_weights))
+        state_ref_sha = (
+            ctx.blobs.put_bytes(models.weights_to_bytes(new_state)).sha256 if new_state else ""
+        )
+        metrics: dict[str, float] = {
+            "num_examples": float(total), "nodes": float(len(outcome.contributors)),
+            "train_loss": metric_sums["train_loss_sum"] / total,
+        }
+        if metric_sums["eval_count"] > 0.5:
+            metrics["global_loss"] = metric_sums["eval_loss_sum"] / metric_sums["eval_count"]
+            metrics["global_accuracy"] = metric_sums["eval_correct"] / metric_sums["eval_count"]
+        self._check()
+        ctx.store.complete_round(
+            self.job_id, rnd, model_sha=model_ref.sha256, model_size=model_ref.size,
+            strategy_state_sha=state_ref_sha, metrics=metrics,
+            node_names=sorted(outcome.contributors),
+        )
 
     def _apply_strategy(
         self,

@@ -60,6 +60,7 @@ class Coordinator:
             blobs=BlobStore(config.data_dir / "blobs"),
             sessions=SessionRegistry(),
             broker=TaskBroker(),
+            ca_pem=None if config.insecure else config.identity.ca_pem,  # type: ignore[union-attr]
         )
         self.scheduler = Scheduler(self.ctx)
         auth = Authenticator(None if config.insecure else config.identity.ca_pem)  # type: ignore[union-attr]

@@ -26,6 +26,7 @@ class NodeSession:
     name: str
     datasets: dict[str, dict[str, Any]]
     session_id: int
+    cert_pem: bytes = b""
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     tasks: queue.Queue[Any] = field(default_factory=queue.Queue)
@@ -51,13 +52,18 @@ class SessionRegistry:
             if name in self._sessions:
                 self._sessions[name].datasets = datasets
 
-    def open(self, name: str) -> NodeSession:
-        """Open a session for ``name``, closing any older one (a reconnect wins)."""
+    def open(self, name: str, cert_pem: bytes = b"") -> NodeSession:
+        """Open a session for ``name``, closing any older one (a reconnect wins).
+
+        ``cert_pem`` is the node's verified certificate, relayed to its peers in
+        secure aggregation so they can check its signatures themselves.
+        """
         with self._lock:
             old = self._sessions.get(name)
             self._next_id += 1
             session = NodeSession(
-                name=name, datasets=self._datasets.get(name, {}), session_id=self._next_id
+                name=name, datasets=self._datasets.get(name, {}), session_id=self._next_id,
+                cert_pem=cert_pem,
             )
             self._sessions[name] = session
         if old is not None:

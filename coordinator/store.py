@@ -377,7 +377,7 @@ class Store:
 
     # -- events --------------------------------------------------------------
     def _event(
-        self, c: Connection, job_id: str, kind: str, *, round: int = 0,  # noqa: A002
+        self, c: Connection, job_id: str, kind: str, *, round: int = 0,
         message: str = "", metrics: Mapping[str, float] | None = None, state: str = "",
     ) -> None:
         c.execute(
@@ -392,7 +392,7 @@ class Store:
             self._event_cond.notify_all()
 
     def add_event(
-        self, job_id: str, kind: str, *, round: int = 0, message: str = "",  # noqa: A002
+        self, job_id: str, kind: str, *, round: int = 0, message: str = "",
         metrics: Mapping[str, float] | None = None,
     ) -> None:
         with self.tx() as c:

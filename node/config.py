@@ -37,7 +37,7 @@ class NodeConfig:
     ca: Path | None
     insecure_name: str | None = None
     max_backoff_s: float = 30.0
-    task_workers: int = 2
+    task_workers: int = 4
 
     @property
     def insecure(self) -> bool:
@@ -91,7 +91,7 @@ def load(path: Path) -> NodeConfig:
         key=_path(base, tls.get("key"), "tls.key"),
         ca=_path(base, tls.get("ca"), "tls.ca"),
         max_backoff_s=float(node.get("max_backoff_s", 30.0)),
-        task_workers=int(node.get("task_workers", 2)),
+        task_workers=int(node.get("task_workers", 4)),
     )
 
 

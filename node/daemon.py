@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +28,13 @@ import numpy as np
 from wharf import __version__
 from wharf import spec as spec_mod
 from wharf.algorithms import models
+from wharf.algorithms.secagg import SecAggAborted
 from wharf.bundle import unpack
 from wharf.chunks import blob_ref_for_file, iter_file_parts, receive_chunks
 from wharf.identity import Identity
 from wharf.node import datasets as ds
 from wharf.node.config import NodeConfig
+from wharf.node.secure_session import LocalResult, SecureSessions, SecureTaskError
 from wharf.node.state import NodeState, RegisteredDataset
 from wharf.proto import wharf_pb2 as pb
 from wharf.proto import wharf_pb2_grpc as pb_grpc
@@ -75,9 +77,13 @@ class NodeDaemon:
                     "a node needs a 'node' certificate"
                 )
             self.name = self.identity.name
+            self.secure: SecureSessions | None = SecureSessions(
+                self.name, self.identity.signer().sign, self.identity.ca_pem
+            )
         else:
             assert config.insecure_name
             self.name = config.insecure_name
+            self.secure = None
             log.warning("PLAINTEXT MODE: no TLS; this node's identity is not authenticated")
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=config.task_workers, thread_name_prefix="task")
@@ -126,7 +132,7 @@ class NodeDaemon:
                                 code.name if code else exc, backoff)
             if time.time() - connected_at > 60:
                 backoff = 1.0
-            self._stop.wait(backoff * (0.75 + 0.5 * random.random()))  # noqa: S311 jitter only
+            self._stop.wait(backoff * (0.75 + 0.5 * random.random()))
             backoff = min(backoff * 2, self.config.max_backoff_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -185,8 +191,10 @@ class NodeDaemon:
         self._running.add(task.task_id)
         try:
             header, payload = self._execute(stub, task)
-        except TaskError as exc:
+        except (TaskError, SecureTaskError) as exc:
             header, payload = self._failure(task, str(exc)), None
+        except SecAggAborted as exc:
+            header, payload = self._failure(task, f"secure aggregation aborted: {exc}"), None
         except Exception as exc:  # never let a task take the daemon down
             log.exception("task %s failed", task.task_id)
             header, payload = self._failure(task, f"node error: {type(exc).__name__}: {exc}"), None
@@ -196,6 +204,9 @@ class NodeDaemon:
             self._upload(stub, header, payload, task.deadline_unix)
         except grpc.RpcError as exc:
             log.warning("upload of task %s refused: %s", task.task_id, exc.details())
+        finally:
+            if payload is not None and payload.name.startswith("masked-"):
+                payload.unlink(missing_ok=True)
 
     def _failure(self, task: pb.Task, error: str) -> pb.ResultHeader:
         log.warning("task %s (%s, round %d) failed: %s", task.task_id[:8],
@@ -243,7 +254,59 @@ class NodeDaemon:
             raise TaskError("downloaded blob is not the one the task named")
         os.replace(path, dest)
 
-    def _execute(self, stub: pb_grpc.NodeServiceStub, task: pb.Task) -> tuple[pb.ResultHeader, Path]:
+    def _secure_start(self, stub: pb_grpc.NodeServiceStub, task: pb.Task) -> pb.ResultHeader:
+        """Begin a secure round: advertise keys now, train in the background."""
+        if self.secure is None:
+            raise TaskError("this node runs in plaintext mode and cannot do secure aggregation")
+        task_dir = self._prepare(stub, task)
+        work: Future[LocalResult] = Future()
+        advert = self.secure.start(task, work, task_dir)
+
+        def train() -> None:
+            try:
+                work.set_result(self._run_local(task, task_dir))
+            except BaseException as exc:
+                work.set_exception(exc)
+
+        threading.Thread(target=train, name=f"train-{task.task_id[:8]}", daemon=True).start()
+        return pb.ResultHeader(
+            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind, ok=True,
+            secagg=advert.SerializeToString(),
+        )
+
+    def _secure_phase(self, task: pb.Task) -> tuple[pb.ResultHeader, Path | None]:
+        if self.secure is None:
+            raise TaskError("this node runs in plaintext mode and cannot do secure aggregation")
+        timeout = max(1.0, task.deadline_unix - time.time()) if task.deadline_unix else 3600.0
+        response, vector = self.secure.phase(task, timeout)
+        header = pb.ResultHeader(
+            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind, ok=True,
+            secagg=response,
+        )
+        if vector is None:
+            return header, None
+        path = self.state.work_dir / task.job_id / f"masked-{task.task_id}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(vector.astype("<u4", copy=False).tobytes())
+        header.blob.CopyFrom(blob_ref_for_file(path))
+        return header, path
+
+    def _execute(self, stub: pb_grpc.NodeServiceStub, task: pb.Task) -> tuple[pb.ResultHeader, Path | None]:
+        if task.kind == pb.TASK_SECAGG:
+            return self._secure_phase(task)
+        if task.secure:
+            return self._secure_start(stub, task), None
+        task_dir = self._prepare(stub, task)
+        local = self._run_local(task, task_dir)
+        header = pb.ResultHeader(
+            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind, ok=True,
+            num_examples=local.num_examples, metrics=local.metrics,
+            blob=blob_ref_for_file(local.payload),
+        )
+        return header, local.payload
+
+    def _prepare(self, stub: pb_grpc.NodeServiceStub, task: pb.Task) -> Path:
+        """Check the task against its spec and lay out the worker's task directory."""
         # The node recomputes the job hash from the spec it is shown.
         try:
             spec = spec_mod.from_json(task.job_spec_json)
@@ -277,16 +340,20 @@ class NodeDaemon:
             json.dumps({"kind": kind, "round": task.round, "spec": spec.to_dict()}),
             encoding="utf-8",
         )
-        self._run_worker(task, task_dir)
+        return task_dir
+
+    def _run_local(self, task: pb.Task, task_dir: Path) -> LocalResult:
+        """Run the worker process; its result stays in the task directory."""
+        try:
+            self._run_worker(task, task_dir)
+        finally:
+            (task_dir / "data.safetensors").unlink(missing_ok=True)
         result = json.loads((task_dir / "result.json").read_text(encoding="utf-8"))
-        payload = task_dir / "result.safetensors"
-        header = pb.ResultHeader(
-            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind, ok=True,
-            num_examples=int(result["num_examples"]), metrics=result["metrics"],
-            blob=blob_ref_for_file(payload),
+        return LocalResult(
+            num_examples=int(result["num_examples"]),
+            metrics={k: float(v) for k, v in result["metrics"].items()},
+            payload=task_dir / "result.safetensors",
         )
-        (task_dir / "data.safetensors").unlink(missing_ok=True)
-        return header, payload
 
     def _write_data(self, registered: RegisteredDataset, features: list[str], task_dir: Path) -> None:
         """Hand the worker the selected columns as tensors, after checking the file."""
@@ -335,6 +402,8 @@ class NodeDaemon:
             raise TaskError(f"training worker exited with code {code}")
 
     def _end_job(self, job_id: str) -> None:
+        if self.secure is not None:
+            self.secure.end(job_id)
         with self._jobs_lock:
             cache = self._jobs.pop(job_id, None)
         ws = cache.workspace if cache else self.state.work_dir / job_id

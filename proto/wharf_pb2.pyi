@@ -99,7 +99,7 @@ class TaskStreamRequest(_message.Message):
     def __init__(self, version: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "job_spec_json", "job_hash", "model", "bundle", "dataset", "secagg", "deadline_unix", "secure")
+    __slots__ = ("task_id", "job_id", "round", "kind", "job_spec_json", "job_hash", "model", "bundle", "dataset", "secagg", "deadline_unix", "secure", "weight_scale", "secagg_kind")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class Task(_message.Message):
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_KIND_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -124,7 +126,9 @@ class Task(_message.Message):
     secagg: bytes
     deadline_unix: float
     secure: bool
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_spec_json: _Optional[str] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., bundle: _Optional[_Union[BlobRef, _Mapping]] = ..., dataset: _Optional[str] = ..., secagg: _Optional[bytes] = ..., deadline_unix: _Optional[float] = ..., secure: _Optional[bool] = ...) -> None: ...
+    weight_scale: int
+    secagg_kind: str
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_spec_json: _Optional[str] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., bundle: _Optional[_Union[BlobRef, _Mapping]] = ..., dataset: _Optional[str] = ..., secagg: _Optional[bytes] = ..., deadline_unix: _Optional[float] = ..., secure: _Optional[bool] = ..., weight_scale: _Optional[int] = ..., secagg_kind: _Optional[str] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
     __slots__ = ("task_id", "job_id", "round", "kind", "ok", "error", "num_examples", "metrics", "blob", "secagg")

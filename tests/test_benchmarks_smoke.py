@@ -35,7 +35,7 @@ def test_recorded_round_unmasks_to_the_right_sum_with_a_dropout() -> None:
     rec = wh.record_round(6, 3000, drop_fraction=0.2)
     assert rec.dropped and len(rec.survivors) == 6 - len(rec.dropped)
     for _ in range(2):  # every replay of the recorded round gives the same exact sum
-        result = wh.server_aggregate(wh.fresh_server(rec), rec)
+        result = wh.server_aggregate(wh.fresh_server(rec))
         assert list(result.contributors) == rec.survivors
         assert result.dropped_before_input == tuple(rec.dropped)
         assert wh.server_is_exact(rec, result)

@@ -9,6 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from wharf.datasets import (
+    BREAST_CANCER_FEATURES,
+    BUILTIN_DATASETS,
+    load_breast_cancer,
+    load_digits,
+)
 from wharf.node.datasets import (
     DatasetError,
     describe,
@@ -17,13 +24,6 @@ from wharf.node.datasets import (
     load_arrays,
     read_table,
     schema_hash,
-)
-
-from wharf.datasets import (
-    BREAST_CANCER_FEATURES,
-    BUILTIN_DATASETS,
-    load_breast_cancer,
-    load_digits,
 )
 
 # --- bundled datasets -------------------------------------------------------------

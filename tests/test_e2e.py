@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fedutil import HOSPITALS, spec, start_federation, model_accuracy, wait_until
+from fedutil import HOSPITALS, model_accuracy, spec, start_federation, wait_until
 
 from wharf import spec as spec_mod
 

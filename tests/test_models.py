@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from wharf.algorithms.models import (
     MODEL_KINDS,
     STANDARDIZE_KEYS,
@@ -25,7 +26,6 @@ from wharf.algorithms.training import (
     moments_to_standardization,
     train_local,
 )
-
 from wharf.datasets import load_breast_cancer, load_digits
 
 

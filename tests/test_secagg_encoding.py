@@ -58,6 +58,19 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert abs(dec.mean() * 8 - 0.3) < 0.008
 
 
+def test_float32_inputs_are_scaled_in_double_precision() -> None:
+    # y = x * 2**20 / 3 has fraction 0.666... only in float64; a float32 product
+    # would round it to 0.75 and bias every rounding of values near the clip.
+    lay = VectorLayout([Segment.real("v", 200_000, 3.0, 21)], 1024)
+    x = np.float32(2.9999998)
+    exact = float(x) * lay.segments[0].scale
+    assert abs(float(np.float32(exact)) - exact) > 0.02  # float32 cannot hold it
+    dec = lay.decode(lay.encode({"v": np.full(200_000, x)}), 1)["v"] * lay.segments[0].scale
+    frac = exact - np.floor(exact)
+    sd = (frac * (1 - frac) / 200_000) ** 0.5
+    assert abs(dec.mean() - exact) < 8 * sd
+
+
 def test_rounding_key_fixes_the_result_and_default_is_fresh() -> None:
     lay = _layout(1000)
     inputs = {"update": np.random.default_rng(0).normal(size=1000), "num_examples": [1],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from wharf.algorithms.models import (
     arrays_to_model,
     init_model,
@@ -25,7 +26,6 @@ from wharf.algorithms.training import (
     moments_to_standardization,
     train_local,
 )
-
 from wharf.datasets import load_breast_cancer
 
 

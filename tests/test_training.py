@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from wharf.algorithms.models import init_model, model_to_arrays, set_standardization
 from wharf.algorithms.training import (
     EvalReport,
@@ -17,7 +18,6 @@ from wharf.algorithms.training import (
     torch_threads,
     train_local,
 )
-
 from wharf.datasets import load_breast_cancer
 
 

@@ -27,7 +27,7 @@ import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -768,3 +768,33 @@ def canonical_json(obj: Any) -> bytes:
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
     return text.encode("utf-8")
+
+
+# --------------------------------------------------------------------------- peer signatures
+
+
+def peer_verifier(
+    certificates: Callable[[str], bytes | None], ca_pem: bytes, role: str = "node"
+) -> Callable[[str, bytes, bytes], bool]:
+    """A ``verify(name, data, signature)`` that trusts only CA-issued certs of ``name``.
+
+    ``certificates(name)`` looks up the PEM the caller holds for ``name`` (the
+    coordinator: from the node's mTLS session; a node: as relayed in a secure
+    aggregation setup). The certificate must chain to the deployment CA, name
+    exactly ``name`` and carry ``role``; only then is the signature checked, so
+    a coordinator cannot substitute a key of its own for a node's.
+    """
+
+    def verify(name: str, data: bytes, signature: bytes) -> bool:
+        pem = certificates(name)
+        if not pem:
+            return False
+        try:
+            peer = peer_from_pem(pem, ca_pem)
+        except Exception:
+            return False
+        if peer.name != name or peer.role != role:
+            return False
+        return verify_signature(pem, data, signature)
+
+    return verify

@@ -45,6 +45,8 @@ from .prg import PRG_KEY_BYTES, KeyStream
 
 INT32_MAX = 2**31 - 1
 DEFAULT_CHUNK_WORDS = 32768
+QUANTIZE_BLOCK = 32768
+"""Values quantised per NumPy call (larger blocks measured faster: call overhead dominates)."""
 _U32_TO_UNIT = 2.0**-32
 
 
@@ -107,6 +109,8 @@ class VectorLayout:
                 )
             if not (math.isfinite(seg.scale) and seg.scale > 0):
                 raise ValueError(f"segment {seg.name!r} needs a positive finite scale")
+            if not seg.exact and seg.bound > 1 << 30:
+                raise ValueError(f"segment {seg.name!r}: real bounds are at most 2**30")
         self.segments: tuple[Segment, ...] = tuple(segments)
         self.max_nodes = max_nodes
         offsets = [0]
@@ -293,8 +297,8 @@ class EncodingCursor:
         self._rview = memoryview(self._rbytes)
         self._zeros = memoryview(bytes(4 * words))
         self._rwords = np.frombuffer(self._rbytes, dtype="<u4")
-        self._f = np.empty(words, dtype=np.float64)
-        self._g = np.empty(words, dtype=np.float64)
+        self._f = np.empty(QUANTIZE_BLOCK, dtype=np.float64)
+        self._g = np.empty(QUANTIZE_BLOCK, dtype=np.float64)
 
     def fill(self, out: NDArray[np.uint32]) -> None:
         """Encode the next ``len(out)`` values into ``out`` (a ``uint32`` slice)."""
@@ -327,19 +331,25 @@ class EncodingCursor:
     def _quantize(
         self, src: NDArray[np.generic], seg: Segment, dst: NDArray[np.int32], roff: int
     ) -> None:
-        take = src.shape[0]
-        f = self._f[:take]
-        g = self._g[:take]
+        """``dst = floor(clip(src * scale) + u)``, ``u = r / 2**32`` from the rounding keystream."""
         bound = float(seg.bound)
+        scale = seg.scale
+        mul, add, clip, floor, copyto = np.multiply, np.add, np.clip, np.floor, np.copyto
         try:
             # NaN survives clip and trips the float->int cast; +-inf clip like any
             # out-of-range value. No separate finiteness pass is needed.
             with np.errstate(invalid="raise", over="ignore"):
-                np.multiply(src, seg.scale, out=f)
-                np.clip(f, -bound, bound, out=f)
-                np.multiply(self._rwords[roff : roff + take], _U32_TO_UNIT, out=g)
-                np.add(f, g, out=f)
-                np.floor(f, out=f)  # floor(y + u) in [-bound, bound]: stochastic rounding
-                np.copyto(dst, f, casting="unsafe")
+                for lo in range(0, src.shape[0], QUANTIZE_BLOCK):
+                    hi = min(lo + QUANTIZE_BLOCK, src.shape[0])
+                    f = self._f[: hi - lo]
+                    g = self._g[: hi - lo]
+                    # dtype: a float32 input times a Python float would multiply in
+                    # float32 (NEP 50) and lose the fraction stochastic rounding needs.
+                    mul(src[lo:hi], scale, out=f, dtype=np.float64)
+                    clip(f, -bound, bound, out=f)
+                    mul(self._rwords[roff + lo : roff + hi], _U32_TO_UNIT, out=g)
+                    add(f, g, out=f)
+                    floor(f, out=f)  # floor(y + u) in [-bound, bound]: stochastic rounding
+                    copyto(dst[lo:hi], f, casting="unsafe")
         except FloatingPointError:
             raise ValueError(f"segment {seg.name!r} contains NaN") from None

@@ -39,6 +39,11 @@ DEFAULT_CHUNK_WORDS = 32768
 L2 (measured best among 64–256 KiB on the reference CPU, an AMD EPYC with 512 KiB
 L2 per core). Per-call overhead makes smaller chunks slower, larger ones spill."""
 
+THREADED_CHUNK_WORDS = 131072
+"""Chunk when two threads share the work: each chunk costs some twenty calls that
+must retake the GIL, so fewer, larger chunks let the threads overlap better (the
+benchmark suite measured 32 Ki-word chunks to gain little from a second thread)."""
+
 THREAD_MIN_WORDS = 1 << 21
 """Below about two million values a second thread did not pay for itself here."""
 
@@ -125,7 +130,7 @@ def apply_masks(
     sub_keys: Sequence[bytes] = (),
     *,
     source: ChunkSource | None = None,
-    chunk_words: int = DEFAULT_CHUNK_WORDS,
+    chunk_words: int | None = None,
     threads: int | None = None,
 ) -> NDArray[np.uint32]:
     """In place: ``out = [encode(source)] + sum PRG(add_keys) - sum PRG(sub_keys)`` mod 2^32.
@@ -135,20 +140,26 @@ def apply_masks(
     (fused encode-and-mask); otherwise the masks are applied to the current
     contents of ``out`` (unmasking). Every key is a 16-byte AES-128 key whose
     keystream, read as little-endian ``uint32`` words, is its mask.
+
+    ``threads`` defaults to :func:`default_threads`; ``chunk_words`` to
+    :data:`DEFAULT_CHUNK_WORDS` (one thread) or :data:`THREADED_CHUNK_WORDS`.
+    The result does not depend on either.
     """
     if out.dtype != np.uint32 or out.ndim != 1 or not out.flags.c_contiguous:
         raise ValueError("out must be a contiguous 1-D uint32 array")
     if not out.flags.writeable:
         raise ValueError("out must be writeable")
-    if chunk_words <= 0 or chunk_words % 4:
-        raise ValueError("chunk_words must be a positive multiple of 4")
     for key in (*add_keys, *sub_keys):
         if len(key) != PRG_KEY_BYTES:
             raise ValueError("mask keys are 16-byte AES-128 keys")
     n = out.shape[0]
+    nthreads = default_threads(n) if threads is None else max(1, threads)
+    if chunk_words is None:
+        chunk_words = DEFAULT_CHUNK_WORDS if nthreads == 1 else THREADED_CHUNK_WORDS
+    if chunk_words <= 0 or chunk_words % 4:
+        raise ValueError("chunk_words must be a positive multiple of 4")
     if n == 0:
         return out
-    nthreads = default_threads(n) if threads is None else max(1, threads)
     ranges = _split(n, nthreads, chunk_words)
     if len(ranges) == 1:
         _mask_range(out, 0, n, add_keys, sub_keys, source, chunk_words)

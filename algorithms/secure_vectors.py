@@ -1,0 +1,150 @@
+"""What a node puts in its masked vector, and how the coordinator reads the sum.
+
+Under secure aggregation the coordinator sees only the sum of the nodes'
+vectors, so everything it needs — the example-weighted update, the number of
+examples, the metric sums, the feature moments for standardisation — travels
+*inside* the vector and is revealed only in aggregate.
+
+Two kinds of content:
+
+* **Training round** (:func:`update_layout`): the update weighted by
+  ``w_i = n_i / row_cap`` (``row_cap`` is a public bound on any node's row
+  count, so ``w_i <= 1`` and the clip range stays meaningful), the exact
+  example count ``n_i``, and metric sums scaled by ``1 / row_cap``. The
+  coordinator recovers ``Σ n_i Δ_i / Σ n_i`` = the FedAvg mean.
+* **Statistics round** (:func:`stats_layout`): per-feature sums and sums of
+  squares have no public magnitude bound, so they are sent as *exact* fixed
+  point integers split into several limbs (``q = Σ_j limb_j · 2^(k·j)``). Each
+  limb sums without wrapping thanks to the headroom, and the coordinator
+  recombines the limb sums exactly with Python integers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wharf.algorithms.secagg.encoding import Segment, VectorLayout
+from wharf.algorithms.secagg.params import SecAggParams
+
+METRIC_NAMES = ("train_loss_sum", "eval_loss_sum", "eval_correct", "eval_count")
+METRIC_CLIP = 64.0
+"""Metric sums are sent divided by ``row_cap``; a mean loss above 64 nats is clipped."""
+
+STATS_FRACTION_BITS = 20
+"""Feature moments are sent as integers at resolution 2^-20 (about 1e-6)."""
+STATS_MAX_ABS = float(1 << 42)
+"""Largest per-node feature sum or sum of squares the statistics vector accepts."""
+
+
+class VectorError(ValueError):
+    """A node's values do not fit the agreed vector layout."""
+
+
+def update_layout(params: SecAggParams, num_params: int, row_cap: int) -> VectorLayout:
+    """Layout for one training round: update, example count, metric sums."""
+    if row_cap < 1:
+        raise ValueError("row_cap must be positive")
+    extras = [
+        Segment.integer("num_examples", 1, row_cap),
+        Segment.real("metrics", len(METRIC_NAMES), METRIC_CLIP, params.value_bits),
+    ]
+    return VectorLayout.for_update(num_params, params, extras)
+
+
+def update_inputs(
+    flat_delta: NDArray[np.float32], num_examples: int, metrics: Mapping[str, float], row_cap: int
+) -> dict[str, NDArray[np.floating] | NDArray[np.integer]]:
+    """A node's inputs for :func:`update_layout`."""
+    if not 0 < num_examples <= row_cap:
+        raise VectorError(f"example count {num_examples} outside (0, {row_cap}]")
+    w = num_examples / row_cap
+    return {
+        "update": np.asarray(flat_delta, dtype=np.float64) * w,
+        "num_examples": np.array([num_examples], dtype=np.int64),
+        "metrics": np.array([metrics.get(k, 0.0) / row_cap for k in METRIC_NAMES]),
+    }
+
+
+def decode_update(
+    sums: Mapping[str, NDArray[np.float64] | NDArray[np.int64]], row_cap: int
+) -> tuple[NDArray[np.float32], int, dict[str, float]]:
+    """The FedAvg mean update, total examples, and total metric sums from decoded sums."""
+    total = int(sums["num_examples"][0])
+    if total <= 0:
+        raise VectorError("aggregate reports no examples")
+    mean = (np.asarray(sums["update"]) * (row_cap / total)).astype(np.float32)
+    metrics = {k: float(v) * row_cap for k, v in zip(METRIC_NAMES, sums["metrics"], strict=True)}
+    return mean, total, metrics
+
+
+def _limb_bits(params: SecAggParams) -> int:
+    # max_nodes * 2^k must stay below 2^31 (no wrap in Z_2^32, signed decode).
+    return 30 - math.ceil(math.log2(max(params.max_nodes, 2)))
+
+
+def _num_limbs(k: int) -> int:
+    return math.ceil(63 / k)
+
+
+def stats_layout(params: SecAggParams, num_features: int, row_cap: int) -> VectorLayout:
+    """Layout for the statistics round: limbs of per-feature sums and squares, and the count."""
+    k = _limb_bits(params)
+    limbs = _num_limbs(k)
+    segments = [
+        Segment.integer(f"{name}.{j}", num_features, 1 << k)
+        for name in ("sum", "sumsq")
+        for j in range(limbs)
+    ]
+    segments.append(Segment.integer("count", 1, row_cap))
+    return VectorLayout(segments, params.max_nodes)
+
+
+def _to_limbs(values: NDArray[np.float64], k: int, limbs: int) -> list[NDArray[np.int64]]:
+    if not np.all(np.isfinite(values)) or np.any(np.abs(values) > STATS_MAX_ABS):
+        raise VectorError(
+            f"feature moments exceed {STATS_MAX_ABS:.3g}; rescale the features before registering"
+        )
+    q = np.rint(values * (1 << STATS_FRACTION_BITS)).astype(np.int64)
+    out = []
+    mask = (1 << k) - 1
+    for _ in range(limbs - 1):
+        out.append(q & mask)  # non-negative low limb (two's complement for negatives)
+        q = q >> k  # arithmetic shift: floor division
+    out.append(q)
+    return out
+
+
+def stats_inputs(
+    params: SecAggParams, total: NDArray[np.float64], total_sq: NDArray[np.float64], count: int,
+) -> dict[str, NDArray[np.int64]]:
+    """A node's inputs for :func:`stats_layout`."""
+    k = _limb_bits(params)
+    limbs = _num_limbs(k)
+    out: dict[str, NDArray[np.int64]] = {}
+    for name, values in (("sum", total), ("sumsq", total_sq)):
+        for j, limb in enumerate(_to_limbs(np.asarray(values, np.float64).ravel(), k, limbs)):
+            out[f"{name}.{j}"] = limb
+    out["count"] = np.array([count], dtype=np.int64)
+    return out
+
+
+def decode_stats(
+    params: SecAggParams, sums: Mapping[str, NDArray[np.float64] | NDArray[np.int64]],
+) -> tuple[NDArray[np.float64], NDArray[np.float64], int]:
+    """Exact recombination of the limb sums: (Σ sums, Σ squares, Σ count)."""
+    k = _limb_bits(params)
+    limbs = _num_limbs(k)
+    result = []
+    for name in ("sum", "sumsq"):
+        parts = [sums[f"{name}.{j}"] for j in range(limbs)]
+        combined = [
+            sum(int(parts[j][i]) << (k * j) for j in range(limbs)) for i in range(len(parts[0]))
+        ]
+        result.append(
+            np.array([c / (1 << STATS_FRACTION_BITS) for c in combined], dtype=np.float64)
+        )
+    return result[0], result[1], int(sums["count"][0])
