@@ -38,6 +38,7 @@ class NodeConfig:
     insecure_name: str | None = None
     max_backoff_s: float = 30.0
     task_workers: int = 4
+    wire_log: Path | None = None
 
     @property
     def insecure(self) -> bool:
@@ -64,20 +65,25 @@ def load(path: Path) -> NodeConfig:
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {path}; valid: node, tls, insecure")
     node = raw.get("node", {})
-    extra = sorted(set(node) - {"coordinator", "state_dir", "max_backoff_s", "task_workers"})
+    extra = sorted(
+        set(node) - {"coordinator", "state_dir", "max_backoff_s", "task_workers", "wire_log"}
+    )
     if extra:
         raise ConfigError(f"unknown field node.{extra[0]} in {path}")
     coordinator = node.get("coordinator")
     if not isinstance(coordinator, str) or ":" not in coordinator:
         raise ConfigError(f"node.coordinator must be 'host:port' in {path}")
     state_dir = _path(base, node.get("state_dir", "state"), "node.state_dir")
+    wire_log = _path(base, node["wire_log"], "node.wire_log") if "wire_log" in node else None
     insecure = raw.get("insecure")
     tls = raw.get("tls")
     if insecure is not None:
         name = insecure.get("name") if isinstance(insecure, dict) else None
         if not isinstance(name, str) or not name:
             raise ConfigError("[insecure] needs name = \"NODE-NAME\"")
-        return NodeConfig(path, coordinator, state_dir, None, None, None, insecure_name=name)
+        return NodeConfig(
+            path, coordinator, state_dir, None, None, None, insecure_name=name, wire_log=wire_log
+        )
     if not isinstance(tls, dict):
         raise ConfigError(
             f"{path} has no [tls] section; give cert, key and ca "
@@ -92,6 +98,7 @@ def load(path: Path) -> NodeConfig:
         ca=_path(base, tls.get("ca"), "tls.ca"),
         max_backoff_s=float(node.get("max_backoff_s", 30.0)),
         task_workers=int(node.get("task_workers", 4)),
+        wire_log=wire_log,
     )
 
 

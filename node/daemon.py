@@ -36,6 +36,7 @@ from wharf.node import datasets as ds
 from wharf.node.config import NodeConfig
 from wharf.node.secure_session import LocalResult, SecureSessions, SecureTaskError
 from wharf.node.state import NodeState, RegisteredDataset
+from wharf.node.wirelog import WireLog, WireLogInterceptor
 from wharf.proto import wharf_pb2 as pb
 from wharf.proto import wharf_pb2_grpc as pb_grpc
 from wharf.tls import insecure_channel, secure_channel
@@ -101,8 +102,14 @@ class NodeDaemon:
 
     def _open_channel(self) -> grpc.Channel:
         if self.identity is None:
-            return insecure_channel(self.config.coordinator)
-        return secure_channel(self.config.coordinator, self.identity)
+            channel = insecure_channel(self.config.coordinator)
+        else:
+            channel = secure_channel(self.config.coordinator, self.identity)
+        if self.config.wire_log is not None:
+            channel = grpc.intercept_channel(
+                channel, WireLogInterceptor(WireLog(self.config.wire_log))
+            )
+        return channel
 
     def stop(self) -> None:
         self._stop.set()

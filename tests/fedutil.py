@@ -16,15 +16,22 @@ from wharf.localfed import LocalFederation
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
 
-def start_federation(root: Path, nodes: tuple[str, ...] = HOSPITALS) -> tuple[LocalFederation, pd.DataFrame]:
+def start_federation(
+    root: Path,
+    nodes: tuple[str, ...] = HOSPITALS,
+    *,
+    node_options: dict[str, dict[str, str]] | None = None,
+    edit: Callable[[str, pd.DataFrame], pd.DataFrame] | None = None,
+) -> tuple[LocalFederation, pd.DataFrame]:
     """Coordinator + node processes, each holding a non-IID share of breast cancer."""
-    fed = LocalFederation(root)
+    fed = LocalFederation(root, node_options=dict(node_options or {}))
     fed.start_coordinator()
     split = split_non_iid(load_breast_cancer())
     for name in nodes:
         path = root / "data" / f"{name}.csv"
         path.parent.mkdir(exist_ok=True)
-        split.parts[name].to_csv(path, index=False)
+        part = split.parts[name] if edit is None else edit(name, split.parts[name].copy())
+        part.to_csv(path, index=False)
         fed.register_dataset(name, "breast_cancer", path, "diagnosis")
         fed.start_node(name)
     fed.wait_for_nodes(list(nodes))
@@ -32,7 +39,8 @@ def start_federation(root: Path, nodes: tuple[str, ...] = HOSPITALS) -> tuple[Lo
 
 
 def spec(rounds: int, *, secure: bool = True, min_nodes: int = 3, epochs: int = 1,
-         timeout: float = 60.0, retries: int = 2, **training: object) -> dict[str, object]:
+         timeout: float = 60.0, retries: int = 2, hidden: object = None,
+         **training: object) -> dict[str, object]:
     train = {"optimizer": "adam", "lr": 0.005, "epochs": epochs, "batch_size": 16, "seed": 0}
     train.update(training)
     return {

@@ -40,6 +40,8 @@ class LocalFederation:
     root: Path
     procs: dict[str, Proc] = field(default_factory=dict)
     port: int = 0
+    node_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Extra ``[node]`` settings per node name (e.g. ``{"wire_log": "sent.log"}``)."""
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -102,11 +104,13 @@ class LocalFederation:
         home = self.root / "nodes" / name
         home.mkdir(parents=True, exist_ok=True)
         config = home / "node.toml"
+        extra = "".join(f'{k} = "{v}"\n' for k, v in self.node_options.get(name, {}).items())
         config.write_text(
             "[node]\n"
             f'coordinator = "{self.address}"\n'
             'state_dir = "state"\n'
-            "max_backoff_s = 2.0\n\n"
+            "max_backoff_s = 2.0\n"
+            f"{extra}\n"
             "[tls]\n"
             f'cert = "{cert}"\nkey = "{key}"\nca = "{self.ca_pem}"\n',
             encoding="utf-8",
