@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from wharf.algorithms.secagg.encoding import Segment, VectorLayout
 from wharf.algorithms.secagg.params import SecAggParams
 
-METRIC_NAMES = ("train_loss_sum", "eval_loss_sum", "eval_correct", "eval_count")
+METRIC_NAMES = ("train_loss_sum", "eval_loss_sum", "eval_correct", "eval_count", "train_seconds")
 METRIC_CLIP = 64.0
 """Metric sums are sent divided by ``row_cap``; a mean loss above 64 nats is clipped."""
 

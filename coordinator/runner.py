@@ -83,6 +83,8 @@ def metrics_summary(results: list[TaskResult]) -> dict[str, float]:
     if sums["eval_count"]:
         out["global_loss"] = sums["eval_loss_sum"] / sums["eval_count"]
         out["global_accuracy"] = sums["eval_correct"] / sums["eval_count"]
+    if results:
+        out["train_seconds_mean"] = sums["train_seconds"] / len(results)
     return out
 
 
@@ -517,6 +519,8 @@ class JobRunner(threading.Thread):
             "num_examples": float(total), "nodes": float(len(outcome.contributors)),
             "train_loss": metric_sums["train_loss_sum"] / total,
         }
+        metrics["train_seconds_mean"] = metric_sums["train_seconds"] / len(outcome.contributors)
+        metrics.update(outcome.timings)
         if metric_sums["eval_count"] > 0.5:
             metrics["global_loss"] = metric_sums["eval_loss_sum"] / metric_sums["eval_count"]
             metrics["global_accuracy"] = metric_sums["eval_correct"] / metric_sums["eval_count"]

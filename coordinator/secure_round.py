@@ -65,6 +65,8 @@ class SecureOutcome:
     sums: dict[str, Any]
     contributors: list[str]
     params: SecAggParams
+    timings: dict[str, float]
+    """Seconds per phase (``secagg_<phase>_s``); the masked-input phase includes training."""
 
 
 def _parse(cls: type[Message], data: bytes, what: str) -> Any:
@@ -117,6 +119,7 @@ class SecureRound:
         self.index = {name: i + 1 for i, name in enumerate(roster)}
         self.by_index = {i + 1: s for i, s in enumerate(self.nodes)}
         self._lock = threading.Lock()
+        self.timings: dict[str, float] = {}
 
     def _receive(self, fn: Callable[..., None], *args: Any) -> None:
         with self._lock:
@@ -165,10 +168,13 @@ class SecureRound:
             task.weight_scale = self.weight_scale
             task.secagg = setups[self.index[name]].SerializeToString()
 
+        clock = time.perf_counter()
         self.dispatch(
             self.rnd, self.attempt, self.kind, self.nodes, self.model_sha, on_advert,
             customize=customize_setup, deadline=self.deadline,
         )
+        self._tick("advertise_keys", clock)
+        clock = time.perf_counter()
         with self._lock:
             directories = server.key_directories()
 
@@ -179,6 +185,8 @@ class SecureRound:
             return msg
 
         self._phase(directories, "key_directory", on_shares, self.deadline)
+        self._tick("share_keys", clock)
+        clock = time.perf_counter()
         with self._lock:
             deliveries = server.share_deliveries()
 
@@ -198,6 +206,8 @@ class SecureRound:
             return None
 
         self._phase(deliveries, "share_delivery", on_masked, self.deadline)
+        self._tick("masked_input", clock)
+        clock = time.perf_counter()
         short = time.time() + PHASE_TIMEOUT_S
         with self._lock:
             survivors = server.survivor_messages()
@@ -209,6 +219,8 @@ class SecureRound:
             return None
 
         self._phase(survivors, "survivors", on_consistency, short)
+        self._tick("consistency", clock)
+        clock = time.perf_counter()
         short = time.time() + PHASE_TIMEOUT_S
         with self._lock:
             requests = server.unmask_requests()
@@ -222,12 +234,19 @@ class SecureRound:
         self._phase(requests, "unmask", on_unmask, short)
         with self._lock:
             result = server.finish()
+        self._tick("unmask", clock)
         try:
             sums = result.decode(self.layout)
         except ValueError as exc:
             raise SecureRoundFailed(f"aggregate failed its range check: {exc}") from None
         contributors = [self.by_index[i].name for i in result.contributors]
-        return SecureOutcome(sums=dict(sums), contributors=contributors, params=self.params)
+        self.timings["secagg_dropped"] = float(len(self.nodes) - len(contributors))
+        return SecureOutcome(
+            sums=dict(sums), contributors=contributors, params=self.params, timings=self.timings
+        )
+
+    def _tick(self, phase: str, since: float) -> None:
+        self.timings[f"secagg_{phase}_s"] = time.perf_counter() - since
 
     def _check_sender(self, msg: Any, r: TaskResult) -> None:
         """The protocol sender index must be the uploading node's own."""

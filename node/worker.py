@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ def run(task_dir: Path) -> None:
         seed=t.seed + int(task["round"]), momentum=t.momentum, weight_decay=t.weight_decay,
         proximal_mu=t.proximal_mu,
     )
+    started = time.perf_counter()
     if spec.uses_bundle and spec.bundle.train_step:
         from wharf.bundle import load_entry
 
@@ -133,6 +135,7 @@ def run(task_dir: Path) -> None:
         "eval_loss_sum": float(report.loss_sum),
         "eval_correct": float(report.correct),
         "eval_count": float(report.num_examples),
+        "train_seconds": time.perf_counter() - started,
     }
     _write_json(task_dir / "result.json", {"num_examples": int(n), "metrics": metrics})
 
