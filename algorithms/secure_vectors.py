@@ -119,7 +119,10 @@ def _to_limbs(values: NDArray[np.float64], k: int, limbs: int) -> list[NDArray[n
 
 
 def stats_inputs(
-    params: SecAggParams, total: NDArray[np.float64], total_sq: NDArray[np.float64], count: int,
+    params: SecAggParams,
+    total: NDArray[np.float64],
+    total_sq: NDArray[np.float64],
+    count: int,
 ) -> dict[str, NDArray[np.int64]]:
     """A node's inputs for :func:`stats_layout`."""
     k = _limb_bits(params)
@@ -133,7 +136,8 @@ def stats_inputs(
 
 
 def decode_stats(
-    params: SecAggParams, sums: Mapping[str, NDArray[np.float64] | NDArray[np.int64]],
+    params: SecAggParams,
+    sums: Mapping[str, NDArray[np.float64] | NDArray[np.int64]],
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], int]:
     """Exact recombination of the limb sums: (Σ sums, Σ squares, Σ count)."""
     k = _limb_bits(params)

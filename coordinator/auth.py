@@ -111,8 +111,7 @@ def rpc(*roles: str, streaming: bool = False) -> Callable[[F], F]:
             if caller.role not in roles:
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"role '{caller.role}' may not call {fn.__name__}; "
-                    f"allowed: {', '.join(roles)}",
+                    f"role '{caller.role}' may not call {fn.__name__}; allowed: {', '.join(roles)}",
                 )
             return caller
 
@@ -127,7 +126,9 @@ def rpc(*roles: str, streaming: bool = False) -> Callable[[F], F]:
         if streaming:
 
             @functools.wraps(fn)
-            def stream_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            def stream_wrapper(
+                self: Any, request: Any, context: grpc.ServicerContext
+            ) -> Iterator[Any]:
                 caller = authorise(self, context)
                 try:
                     yield from fn(self, request, context, caller=caller)
@@ -149,4 +150,3 @@ def rpc(*roles: str, streaming: bool = False) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
-

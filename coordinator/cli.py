@@ -43,8 +43,10 @@ def start(
     identity = None
     if not insecure:
         if not (cert and key and ca):
-            fail("give --cert, --key and --ca (see `wharf ca issue --role coordinator`), "
-                 "or --insecure for a plaintext experiment")
+            fail(
+                "give --cert, --key and --ca (see `wharf ca issue --role coordinator`), "
+                "or --insecure for a plaintext experiment"
+            )
         try:
             identity = Identity.load(cert, key, ca)
         except IdentityError as exc:
@@ -52,7 +54,10 @@ def start(
     try:
         coordinator = Coordinator(
             CoordinatorConfig(
-                listen=listen, data_dir=data_dir, db_url=db_url, identity=identity,
+                listen=listen,
+                data_dir=data_dir,
+                db_url=db_url,
+                identity=identity,
                 insecure=insecure,
             )
         )

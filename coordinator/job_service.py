@@ -28,9 +28,16 @@ MAX_JOB_ID = 64
 
 def job_info(ctx: Context, job: JobRow, *, with_rounds: bool = True) -> pb.JobInfo:
     info = pb.JobInfo(
-        job_id=job.job_id, name=job.name, owner=job.owner, state=job.state, reason=job.reason,
-        rounds_total=job.rounds_total, rounds_completed=job.rounds_completed,
-        job_hash=job.job_hash, spec_json=job.spec_json, created=job.created,
+        job_id=job.job_id,
+        name=job.name,
+        owner=job.owner,
+        state=job.state,
+        reason=job.reason,
+        rounds_total=job.rounds_total,
+        rounds_completed=job.rounds_completed,
+        job_hash=job.job_hash,
+        spec_json=job.spec_json,
+        created=job.created,
         updated=job.updated,
     )
     if job.model_sha:
@@ -40,8 +47,13 @@ def job_info(ctx: Context, job: JobRow, *, with_rounds: bool = True) -> pb.JobIn
         for r in ctx.store.list_rounds(job.job_id):
             info.rounds.append(
                 pb.RoundInfo(
-                    round=r.round, state=r.state, metrics=r.metrics, nodes=r.nodes,
-                    started=r.started, finished=r.finished, attempt=r.attempt,
+                    round=r.round,
+                    state=r.state,
+                    metrics=r.metrics,
+                    nodes=r.nodes,
+                    started=r.started,
+                    finished=r.finished,
+                    attempt=r.attempt,
                 )
             )
             if r.state == "completed":
@@ -86,11 +98,15 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 raise ValueError("model.kind = 'bundle' needs the packed bundle in the request")
             files = bundle_mod.list_files(request.bundle)
             if bundle_mod.INITIAL_WEIGHTS not in files:
-                raise ValueError(f"bundle lacks {bundle_mod.INITIAL_WEIGHTS} (pack it with the SDK)")
+                raise ValueError(
+                    f"bundle lacks {bundle_mod.INITIAL_WEIGHTS} (pack it with the SDK)"
+                )
             try:
                 weights = models.weights_from_bytes(files[bundle_mod.INITIAL_WEIGHTS])
             except Exception as exc:
-                raise ValueError(f"bundle initial weights are not valid safetensors: {exc}") from None
+                raise ValueError(
+                    f"bundle initial weights are not valid safetensors: {exc}"
+                ) from None
             for name, arr in weights.items():
                 if arr.dtype.kind == "f" and not bool(np.isfinite(arr).all()):
                     raise ValueError(f"bundle initial weight {name!r} contains NaN or Inf")
@@ -103,12 +119,18 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise ValueError("a bundle was sent but model.kind is not 'bundle'")
         job_id = uuid.uuid4().hex[:16]
         self.ctx.store.create_job(
-            job_id=job_id, name=spec.name, owner=caller.name, spec_json=spec.canonical_json(),
-            job_hash=spec.job_hash(), bundle_sha=bundle_sha, rounds_total=spec.federation.rounds,
+            job_id=job_id,
+            name=spec.name,
+            owner=caller.name,
+            spec_json=spec.canonical_json(),
+            job_hash=spec.job_hash(),
+            bundle_sha=bundle_sha,
+            rounds_total=spec.federation.rounds,
         )
         if not spec.federation.secure:
             self.ctx.store.add_event(
-                job_id, "message",
+                job_id,
+                "message",
                 message="WARNING: secure aggregation is OFF for this job; the coordinator "
                 "sees every node's update",
             )
@@ -143,8 +165,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
             for ev in batch:
                 seq = ev.seq
                 yield pb.JobEvent(
-                    job_id=ev.job_id, seq=ev.seq, time=ev.time, kind=ev.kind,
-                    message=ev.message, round=ev.round, metrics=ev.metrics, state=ev.state,
+                    job_id=ev.job_id,
+                    seq=ev.seq,
+                    time=ev.time,
+                    kind=ev.kind,
+                    message=ev.message,
+                    round=ev.round,
+                    metrics=ev.metrics,
+                    state=ev.state,
                 )
             if batch:
                 continue
@@ -194,12 +222,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
             for d in n["datasets"]:
                 info.datasets.append(
                     pb.DatasetInfo(
-                        name=d["name"], rows=d["rows"], label=d["label"], features=d["features"],
-                        feature_shape=d["feature_shape"], schema_json=d["schema_json"],
-                        schema_hash=d["schema_hash"], fingerprint=d["fingerprint"],
+                        name=d["name"],
+                        rows=d["rows"],
+                        label=d["label"],
+                        features=d["features"],
+                        feature_shape=d["feature_shape"],
+                        schema_json=d["schema_json"],
+                        schema_hash=d["schema_hash"],
+                        fingerprint=d["fingerprint"],
                         format=d["format"],
                     )
                 )
             out.nodes.append(info)
         return out
-

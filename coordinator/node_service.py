@@ -42,9 +42,15 @@ def dataset_to_dict(d: pb.DatasetInfo) -> dict[str, Any]:
             f"{MAX_FEATURE_DIMS} dimensions and {MAX_FEATURE_VALUES} values per row)"
         )
     return {
-        "name": d.name, "rows": int(d.rows), "label": d.label, "features": list(d.features),
-        "feature_shape": [int(x) for x in d.feature_shape], "schema_json": d.schema_json,
-        "schema_hash": d.schema_hash, "fingerprint": d.fingerprint, "format": d.format,
+        "name": d.name,
+        "rows": int(d.rows),
+        "label": d.label,
+        "features": list(d.features),
+        "feature_shape": [int(x) for x in d.feature_shape],
+        "schema_json": d.schema_json,
+        "schema_hash": d.schema_hash,
+        "fingerprint": d.fingerprint,
+        "format": d.format,
     }
 
 
@@ -69,7 +75,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.ctx.sessions.set_datasets(caller.name, {d["name"]: d for d in datasets})
         log.info("node %s says hello with %d datasets", caller.name, len(datasets))
         return pb.HelloResponse(
-            node_name=caller.name, coordinator_version=__version__,
+            node_name=caller.name,
+            coordinator_version=__version__,
             heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
         )
 
@@ -96,7 +103,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     @rpc("node")
     def UploadResult(  # noqa: N802
-        self, request_iterator: Iterator[pb.UploadChunk], context: grpc.ServicerContext, *,
+        self,
+        request_iterator: Iterator[pb.UploadChunk],
+        context: grpc.ServicerContext,
+        *,
         caller: Caller,
     ) -> pb.UploadAck:
         first = next(request_iterator, None)
@@ -105,8 +115,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         header = first.header
         collector = self.ctx.broker.lookup(header, caller.name)
         result = TaskResult(
-            task_id=header.task_id, node=caller.name, ok=header.ok, error=header.error[:500],
-            num_examples=int(header.num_examples), metrics=dict(header.metrics),
+            task_id=header.task_id,
+            node=caller.name,
+            ok=header.ok,
+            error=header.error[:500],
+            num_examples=int(header.num_examples),
+            metrics=dict(header.metrics),
             secagg=bytes(header.secagg),
         )
         spool: Spool | None = None
@@ -152,18 +166,20 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         """A node may fetch only the models and bundle of jobs it has tasks in."""
         with self.ctx.store.engine.connect() as c:
             has_task = c.execute(
-                sa.select(tasks.c.task_id).where(tasks.c.job_id == job_id, tasks.c.node == node)
+                sa.select(tasks.c.task_id)
+                .where(tasks.c.job_id == job_id, tasks.c.node == node)
                 .limit(1)
             ).first()
             if has_task is None:
-                raise Abort(grpc.StatusCode.PERMISSION_DENIED, "no task of this job was sent to you")
+                raise Abort(
+                    grpc.StatusCode.PERMISSION_DENIED, "no task of this job was sent to you"
+                )
             job = c.execute(
                 sa.select(jobs.c.model_sha, jobs.c.bundle_sha).where(jobs.c.job_id == job_id)
             ).first()
             round_models = {
-                r[0] for r in c.execute(
-                    sa.select(rounds.c.model_sha).where(rounds.c.job_id == job_id)
-                )
+                r[0]
+                for r in c.execute(sa.select(rounds.c.model_sha).where(rounds.c.job_id == job_id))
             }
         allowed = round_models | ({job.model_sha, job.bundle_sha} if job else set())
         allowed.discard("")

@@ -7,6 +7,8 @@ point picks the job up at its last completed round (see ``Store.complete_round``
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import threading
 import time
@@ -143,7 +145,9 @@ class JobRunner(threading.Thread):
         job = store.get_job(self.job_id)
         assert job is not None
         if job.state == "pending_grants":
-            self._wait_for_nodes(self.spec.federation.min_nodes, self.spec.federation.wait_for_nodes_s)
+            self._wait_for_nodes(
+                self.spec.federation.min_nodes, self.spec.federation.wait_for_nodes_s
+            )
             if not store.set_state(self.job_id, "running"):
                 raise JobCancelled
         job = store.get_job(self.job_id)
@@ -185,6 +189,7 @@ class JobRunner(threading.Thread):
         nodes = self.ctx.sessions.holding(self.spec.data.dataset)
         if not nodes:
             return []
+
         # Nodes must agree on the feature layout; keep the most common one.
         def layout(s: NodeSession) -> str:
             meta = s.datasets[self.spec.data.dataset]
@@ -196,7 +201,8 @@ class JobRunner(threading.Thread):
         if self.spec.data.features:
             wanted = set(self.spec.data.features)
             chosen = [
-                s for s in chosen
+                s
+                for s in chosen
                 if wanted <= set(s.datasets[self.spec.data.dataset].get("features", []))
             ]
         if self.spec.federation.max_nodes:
@@ -218,7 +224,8 @@ class JobRunner(threading.Thread):
                 )
             if not announced:
                 self.ctx.store.add_event(
-                    self.job_id, "message",
+                    self.job_id,
+                    "message",
                     message=f"waiting for {need} nodes holding '{self.spec.data.dataset}' "
                     f"({len(nodes)} online)",
                 )
@@ -247,7 +254,7 @@ class JobRunner(threading.Thread):
             shape = self._input_shape(nodes)
             if m.kind in ("mlp", "logreg"):
                 dims = [int(np.prod(shape)), *(m.hidden if m.kind == "mlp" else ()), m.num_classes]
-                params = sum(a * b + b for a, b in zip(dims, dims[1:], strict=False))
+                params = sum(a * b + b for a, b in itertools.pairwise(dims))
                 if params > MAX_MODEL_PARAMS:
                     raise JobFailed(
                         f"the model would have {params:,} parameters; the limit is "
@@ -273,9 +280,15 @@ class JobRunner(threading.Thread):
                 n_features = int(np.prod(shape))
                 try:
                     outcome = self._secure(
-                        0, attempt, pb.TASK_STATS, nodes, "",
-                        lambda params: secure_vectors.stats_layout(
-                            params, n_features, self._row_cap(nodes)
+                        0,
+                        attempt,
+                        pb.TASK_STATS,
+                        nodes,
+                        "",
+                        functools.partial(
+                            secure_vectors.stats_layout,
+                            num_features=n_features,
+                            row_cap=self._row_cap(nodes),
                         ),
                     )
                     total, total_sq, count = secure_vectors.decode_stats(
@@ -288,7 +301,8 @@ class JobRunner(threading.Thread):
                     )
                     continue
                 self.ctx.store.add_event(
-                    self.job_id, "message",
+                    self.job_id,
+                    "message",
                     message=f"feature statistics securely aggregated over "
                     f"{len(outcome.contributors)} nodes ({count} rows)",
                 )
@@ -316,7 +330,8 @@ class JobRunner(threading.Thread):
                 total_sq = sum(np.asarray(r.payload["sumsq"], np.float64) for r in ok)  # type: ignore[index]
                 count = sum(r.num_examples for r in ok)
                 self.ctx.store.add_event(
-                    self.job_id, "message",
+                    self.job_id,
+                    "message",
                     message=f"feature statistics from {len(ok)} nodes ({count} rows)",
                 )
                 return training.moments_to_standardization(total, total_sq, count)
@@ -355,15 +370,26 @@ class JobRunner(threading.Thread):
         try:
             for task_id, name in assignment.items():
                 ctx.store.create_task(
-                    task_id=task_id, job_id=self.job_id, rnd=rnd, attempt=attempt, node=name,
+                    task_id=task_id,
+                    job_id=self.job_id,
+                    rnd=rnd,
+                    attempt=attempt,
+                    node=name,
                     kind=kind_name,
                 )
                 self._participants.add(name)
                 task = pb.Task(
-                    task_id=task_id, job_id=self.job_id, round=rnd, kind=kind,
-                    job_spec_json=self.spec.canonical_json(), job_hash=self.job_hash,
-                    model=model_ref, bundle=bundle_ref, dataset=self.spec.data.dataset,
-                    deadline_unix=deadline, secure=False,
+                    task_id=task_id,
+                    job_id=self.job_id,
+                    round=rnd,
+                    kind=kind,
+                    job_spec_json=self.spec.canonical_json(),
+                    job_hash=self.job_hash,
+                    model=model_ref,
+                    bundle=bundle_ref,
+                    dataset=self.spec.data.dataset,
+                    deadline_unix=deadline,
+                    secure=False,
                 )
                 if customize is not None:
                     customize(task, name)
@@ -381,16 +407,23 @@ class JobRunner(threading.Thread):
             results = []
             for task_id, name in assignment.items():
                 r = collector.results.get(task_id) or TaskResult(
-                    task_id=task_id, node=name, ok=False,
+                    task_id=task_id,
+                    node=name,
+                    ok=False,
                     error=f"no answer within the deadline ({kind_name})",
                 )
                 ctx.store.finish_task(
-                    task_id, ok=r.ok, error=r.error, result_sha=r.blob_sha,
+                    task_id,
+                    ok=r.ok,
+                    error=r.error,
+                    result_sha=r.blob_sha,
                     num_examples=r.num_examples,
                 )
                 if not r.ok:
                     ctx.store.add_event(
-                        self.job_id, "node_dropped", round=rnd,
+                        self.job_id,
+                        "node_dropped",
+                        round=rnd,
                         message=f"{name}: {r.error}",
                     )
                 results.append(r)
@@ -403,9 +436,7 @@ class JobRunner(threading.Thread):
         fed = self.spec.federation
         nodes = self._eligible()
         if len(nodes) < fed.min_nodes:
-            raise RoundFailed(
-                f"only {len(nodes)} eligible nodes online, {fed.min_nodes} required"
-            )
+            raise RoundFailed(f"only {len(nodes)} eligible nodes online, {fed.min_nodes} required")
         global_weights = load_weights_blob(ctx.blobs, model_sha)
         layout = {k: v.shape for k, v in global_weights.items()}
         ctx.store.start_round(self.job_id, rnd, attempt, [s.name for s in nodes])
@@ -418,10 +449,9 @@ class JobRunner(threading.Thread):
             if set(delta) != set(layout):
                 raise ResultRejected("update tensors do not match the model's tensors")
             for k, arr in delta.items():
-                if arr.dtype != global_weights[k].dtype:
-                    raise ResultRejected(
-                        f"update tensor {k!r} has dtype {arr.dtype}, expected {global_weights[k].dtype}"
-                    )
+                want = global_weights[k].dtype
+                if arr.dtype != want:
+                    raise ResultRejected(f"update {k!r} has dtype {arr.dtype}, expected {want}")
                 if arr.shape != layout[k]:
                     raise ResultRejected(
                         f"update tensor {k!r} has shape {arr.shape}, expected {layout[k]}"
@@ -450,8 +480,12 @@ class JobRunner(threading.Thread):
             )
             self._check()
             ctx.store.complete_round(
-                self.job_id, rnd, model_sha=model_ref.sha256, model_size=model_ref.size,
-                strategy_state_sha=state_ref_sha, metrics=metrics_summary(ok),
+                self.job_id,
+                rnd,
+                model_sha=model_ref.sha256,
+                model_size=model_ref.size,
+                strategy_state_sha=state_ref_sha,
+                metrics=metrics_summary(ok),
                 node_names=[r.node for r in ok],
             )
         finally:
@@ -459,7 +493,12 @@ class JobRunner(threading.Thread):
                 r.discard()
 
     def _secure(
-        self, rnd: int, attempt: int, kind: int, nodes: list[NodeSession], model_sha: str,
+        self,
+        rnd: int,
+        attempt: int,
+        kind: int,
+        nodes: list[NodeSession],
+        model_sha: str,
         make_layout: Callable[[SecAggParams], VectorLayout],
     ) -> SecureOutcome:
         """Run one secure-aggregation round; any protocol failure fails the round."""
@@ -471,9 +510,16 @@ class JobRunner(threading.Thread):
         row_cap = self._row_cap(nodes)
         try:
             outcome = SecureRound(
-                dispatch=self._dispatch, job_id=self.job_id, rnd=rnd, attempt=attempt, kind=kind,
-                nodes=nodes, model_sha=model_sha, ca_pem=self.ctx.ca_pem,
-                make_layout=make_layout, weight_scale=row_cap,
+                dispatch=self._dispatch,
+                job_id=self.job_id,
+                rnd=rnd,
+                attempt=attempt,
+                kind=kind,
+                nodes=nodes,
+                model_sha=model_sha,
+                ca_pem=self.ctx.ca_pem,
+                make_layout=make_layout,
+                weight_scale=row_cap,
                 deadline=time.time() + self.spec.federation.round_timeout_s,
             ).run()
         except SecureRoundFailed as exc:
@@ -492,7 +538,12 @@ class JobRunner(threading.Thread):
         return max(1, *rows)
 
     def _run_secure_round(
-        self, rnd: int, attempt: int, nodes: list[NodeSession], model_sha: str, state_sha: str,
+        self,
+        rnd: int,
+        attempt: int,
+        nodes: list[NodeSession],
+        model_sha: str,
+        state_sha: str,
         global_weights: dict[str, np.ndarray],
     ) -> None:
         """A training round under SecAgg+: the coordinator sees only the sums."""
@@ -500,7 +551,11 @@ class JobRunner(threading.Thread):
         flat, layout = models.flatten(global_weights)
         row_cap = self._row_cap(nodes)
         outcome = self._secure(
-            rnd, attempt, pb.TASK_TRAIN, nodes, model_sha,
+            rnd,
+            attempt,
+            pb.TASK_TRAIN,
+            nodes,
+            model_sha,
             lambda params: secure_vectors.update_layout(params, flat.size, row_cap),
         )
         try:
@@ -516,7 +571,8 @@ class JobRunner(threading.Thread):
             ctx.blobs.put_bytes(models.weights_to_bytes(new_state)).sha256 if new_state else ""
         )
         metrics: dict[str, float] = {
-            "num_examples": float(total), "nodes": float(len(outcome.contributors)),
+            "num_examples": float(total),
+            "nodes": float(len(outcome.contributors)),
             "train_loss": metric_sums["train_loss_sum"] / total,
         }
         metrics["train_seconds_mean"] = metric_sums["train_seconds"] / len(outcome.contributors)
@@ -526,8 +582,12 @@ class JobRunner(threading.Thread):
             metrics["global_accuracy"] = metric_sums["eval_correct"] / metric_sums["eval_count"]
         self._check()
         ctx.store.complete_round(
-            self.job_id, rnd, model_sha=model_ref.sha256, model_size=model_ref.size,
-            strategy_state_sha=state_ref_sha, metrics=metrics,
+            self.job_id,
+            rnd,
+            model_sha=model_ref.sha256,
+            model_size=model_ref.size,
+            strategy_state_sha=state_ref_sha,
+            metrics=metrics,
             node_names=sorted(outcome.contributors),
         )
 

@@ -25,7 +25,8 @@ class Scheduler:
         for job in self.ctx.store.active_jobs():
             if job.state == "running":
                 self.ctx.store.add_event(
-                    job.job_id, "message",
+                    job.job_id,
+                    "message",
                     message=f"coordinator restarted; resuming after round {job.rounds_completed}",
                 )
             self.start(job.job_id)

@@ -112,8 +112,12 @@ class SecureRound:
         self.params = choose_params(len(roster), malicious=True)
         self.layout = make_layout(self.params)
         self.server = SecAggServer(
-            job_id=job_id, round_number=rnd, params=self.params, roster=roster,
-            num_values=self.layout.length, verify=peer_verifier(certs.get, ca_pem),
+            job_id=job_id,
+            round_number=rnd,
+            params=self.params,
+            roster=roster,
+            num_values=self.layout.length,
+            verify=peer_verifier(certs.get, ca_pem),
             certificates=[certs[n] for n in roster],
         )
         self.index = {name: i + 1 for i, name in enumerate(roster)}
@@ -143,8 +147,14 @@ class SecureRound:
             task.secagg = messages[self.index[name]].SerializeToString()
 
         self.dispatch(
-            self.rnd, self.attempt, pb.TASK_SECAGG, nodes, self.model_sha, validator,
-            customize=customize, deadline=deadline,
+            self.rnd,
+            self.attempt,
+            pb.TASK_SECAGG,
+            nodes,
+            self.model_sha,
+            validator,
+            customize=customize,
+            deadline=deadline,
         )
 
     def run(self) -> SecureOutcome:
@@ -170,8 +180,14 @@ class SecureRound:
 
         clock = time.perf_counter()
         self.dispatch(
-            self.rnd, self.attempt, self.kind, self.nodes, self.model_sha, on_advert,
-            customize=customize_setup, deadline=self.deadline,
+            self.rnd,
+            self.attempt,
+            self.kind,
+            self.nodes,
+            self.model_sha,
+            on_advert,
+            customize=customize_setup,
+            deadline=self.deadline,
         )
         self._tick("advertise_keys", clock)
         clock = time.perf_counter()

@@ -74,7 +74,9 @@ class Coordinator:
             JobServicer(self.ctx, auth, self.scheduler), self.server
         )
         if config.insecure and config.listen.rsplit(":", 1)[0] not in LOOPBACK:
-            raise ValueError("plaintext mode listens on loopback only (127.0.0.1, localhost, [::1])")
+            raise ValueError(
+                "plaintext mode listens on loopback only (127.0.0.1, localhost, [::1])"
+            )
         if config.insecure:
             log.warning(
                 "PLAINTEXT MODE: no TLS, no authentication; callers claim any identity. "

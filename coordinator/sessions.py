@@ -62,7 +62,9 @@ class SessionRegistry:
             old = self._sessions.get(name)
             self._next_id += 1
             session = NodeSession(
-                name=name, datasets=self._datasets.get(name, {}), session_id=self._next_id,
+                name=name,
+                datasets=self._datasets.get(name, {}),
+                session_id=self._next_id,
                 cert_pem=cert_pem,
             )
             self._sessions[name] = session

@@ -187,14 +187,30 @@ class Store:
         with self.tx() as c:
             c.execute(
                 jobs.insert().values(
-                    job_id=job_id, name=name, owner=owner, spec_json=spec_json,
-                    job_hash=job_hash, bundle_sha=bundle_sha, state="pending_grants",
-                    reason="", rounds_total=rounds_total, rounds_completed=0, model_sha="",
-                    model_size=0, strategy_state_sha="", created=now, updated=now,
+                    job_id=job_id,
+                    name=name,
+                    owner=owner,
+                    spec_json=spec_json,
+                    job_hash=job_hash,
+                    bundle_sha=bundle_sha,
+                    state="pending_grants",
+                    reason="",
+                    rounds_total=rounds_total,
+                    rounds_completed=0,
+                    model_sha="",
+                    model_size=0,
+                    strategy_state_sha="",
+                    created=now,
+                    updated=now,
                 )
             )
-            self._event(c, job_id, "submitted", state="pending_grants",
-                        message=f"job {name} submitted by {owner}")
+            self._event(
+                c,
+                job_id,
+                "submitted",
+                state="pending_grants",
+                message=f"job {name} submitted by {owner}",
+            )
 
     def get_job(self, job_id: str) -> JobRow | None:
         with self.engine.connect() as c:
@@ -234,9 +250,9 @@ class Store:
     def set_initial_model(self, job_id: str, model_sha: str, model_size: int) -> None:
         with self.tx() as c:
             c.execute(
-                jobs.update().where(jobs.c.job_id == job_id).values(
-                    model_sha=model_sha, model_size=model_size, updated=time.time()
-                )
+                jobs.update()
+                .where(jobs.c.job_id == job_id)
+                .values(model_sha=model_sha, model_size=model_size, updated=time.time())
             )
 
     # -- rounds --------------------------------------------------------------
@@ -246,19 +262,31 @@ class Store:
             c.execute(rounds.delete().where(rounds.c.job_id == job_id, rounds.c.round == rnd))
             c.execute(
                 rounds.insert().values(
-                    job_id=job_id, round=rnd, state="running", attempt=attempt,
-                    metrics_json="{}", nodes_json=json.dumps(list(node_names)),
-                    model_sha="", started=now, finished=0.0,
+                    job_id=job_id,
+                    round=rnd,
+                    state="running",
+                    attempt=attempt,
+                    metrics_json="{}",
+                    nodes_json=json.dumps(list(node_names)),
+                    model_sha="",
+                    started=now,
+                    finished=0.0,
                 )
             )
-            self._event(c, job_id, "round_started", round=rnd,
-                        message=f"round {rnd} started with {len(node_names)} nodes"
-                        + (f" (attempt {attempt + 1})" if attempt else ""))
+            self._event(
+                c,
+                job_id,
+                "round_started",
+                round=rnd,
+                message=f"round {rnd} started with {len(node_names)} nodes"
+                + (f" (attempt {attempt + 1})" if attempt else ""),
+            )
 
     def fail_round(self, job_id: str, rnd: int, reason: str) -> None:
         with self.tx() as c:
             c.execute(
-                rounds.update().where(rounds.c.job_id == job_id, rounds.c.round == rnd)
+                rounds.update()
+                .where(rounds.c.job_id == job_id, rounds.c.round == rnd)
                 .values(state="failed", finished=time.time())
             )
             self._event(c, job_id, "round_failed", round=rnd, message=reason)
@@ -283,28 +311,50 @@ class Store:
             if job is None or job.rounds_completed != rnd - 1 or job.state != "running":
                 raise RuntimeError(f"job {job_id}: round {rnd} is not the next round to record")
             c.execute(
-                rounds.update().where(rounds.c.job_id == job_id, rounds.c.round == rnd).values(
-                    state="completed", metrics_json=json.dumps(dict(metrics)),
-                    nodes_json=json.dumps(list(node_names)), model_sha=model_sha, finished=now,
+                rounds.update()
+                .where(rounds.c.job_id == job_id, rounds.c.round == rnd)
+                .values(
+                    state="completed",
+                    metrics_json=json.dumps(dict(metrics)),
+                    nodes_json=json.dumps(list(node_names)),
+                    model_sha=model_sha,
+                    finished=now,
                 )
             )
             c.execute(
-                jobs.update().where(jobs.c.job_id == job_id).values(
-                    rounds_completed=rnd, model_sha=model_sha, model_size=model_size,
-                    strategy_state_sha=strategy_state_sha, updated=now,
+                jobs.update()
+                .where(jobs.c.job_id == job_id)
+                .values(
+                    rounds_completed=rnd,
+                    model_sha=model_sha,
+                    model_size=model_size,
+                    strategy_state_sha=strategy_state_sha,
+                    updated=now,
                 )
             )
-            self._event(c, job_id, "round_completed", round=rnd, metrics=metrics,
-                        message=f"round {rnd} completed with {len(node_names)} nodes")
+            self._event(
+                c,
+                job_id,
+                "round_completed",
+                round=rnd,
+                metrics=metrics,
+                message=f"round {rnd} completed with {len(node_names)} nodes",
+            )
 
     def list_rounds(self, job_id: str) -> list[RoundRow]:
         q = rounds.select().where(rounds.c.job_id == job_id).order_by(rounds.c.round)
         with self.engine.connect() as c:
             return [
                 RoundRow(
-                    job_id=r["job_id"], round=r["round"], state=r["state"], attempt=r["attempt"],
-                    metrics=json.loads(r["metrics_json"]), nodes=json.loads(r["nodes_json"]),
-                    model_sha=r["model_sha"], started=r["started"], finished=r["finished"],
+                    job_id=r["job_id"],
+                    round=r["round"],
+                    state=r["state"],
+                    attempt=r["attempt"],
+                    metrics=json.loads(r["metrics_json"]),
+                    nodes=json.loads(r["nodes_json"]),
+                    model_sha=r["model_sha"],
+                    started=r["started"],
+                    finished=r["finished"],
                 )
                 for r in c.execute(q).mappings()
             ]
@@ -316,21 +366,40 @@ class Store:
         with self.tx() as c:
             c.execute(
                 tasks.insert().values(
-                    task_id=task_id, job_id=job_id, round=rnd, attempt=attempt, node=node,
-                    kind=kind, state="sent", error="", result_sha="", num_examples=0,
-                    created=time.time(), finished=0.0,
+                    task_id=task_id,
+                    job_id=job_id,
+                    round=rnd,
+                    attempt=attempt,
+                    node=node,
+                    kind=kind,
+                    state="sent",
+                    error="",
+                    result_sha="",
+                    num_examples=0,
+                    created=time.time(),
+                    finished=0.0,
                 )
             )
 
     def finish_task(
-        self, task_id: str, *, ok: bool, error: str = "", result_sha: str = "",
+        self,
+        task_id: str,
+        *,
+        ok: bool,
+        error: str = "",
+        result_sha: str = "",
         num_examples: int = 0,
     ) -> None:
         with self.tx() as c:
             c.execute(
-                tasks.update().where(tasks.c.task_id == task_id).values(
-                    state="done" if ok else "failed", error=error, result_sha=result_sha,
-                    num_examples=num_examples, finished=time.time(),
+                tasks.update()
+                .where(tasks.c.task_id == task_id)
+                .values(
+                    state="done" if ok else "failed",
+                    error=error,
+                    result_sha=result_sha,
+                    num_examples=num_examples,
+                    finished=time.time(),
                 )
             )
 
@@ -351,7 +420,8 @@ class Store:
             exists = c.execute(sa.select(nodes.c.name).where(nodes.c.name == name)).first()
             if exists:
                 c.execute(
-                    nodes.update().where(nodes.c.name == name)
+                    nodes.update()
+                    .where(nodes.c.name == name)
                     .values(datasets_json=payload, last_seen=now)
                 )
             else:
@@ -369,7 +439,8 @@ class Store:
         with self.engine.connect() as c:
             return [
                 {
-                    "name": r["name"], "datasets": json.loads(r["datasets_json"]),
+                    "name": r["name"],
+                    "datasets": json.loads(r["datasets_json"]),
                     "last_seen": r["last_seen"],
                 }
                 for r in c.execute(nodes.select().order_by(nodes.c.name)).mappings()
@@ -377,13 +448,25 @@ class Store:
 
     # -- events --------------------------------------------------------------
     def _event(
-        self, c: Connection, job_id: str, kind: str, *, round: int = 0,
-        message: str = "", metrics: Mapping[str, float] | None = None, state: str = "",
+        self,
+        c: Connection,
+        job_id: str,
+        kind: str,
+        *,
+        round: int = 0,
+        message: str = "",
+        metrics: Mapping[str, float] | None = None,
+        state: str = "",
     ) -> None:
         c.execute(
             events.insert().values(
-                job_id=job_id, time=time.time(), kind=kind, round=round, message=message,
-                metrics_json=json.dumps(dict(metrics or {})), state=state,
+                job_id=job_id,
+                time=time.time(),
+                kind=kind,
+                round=round,
+                message=message,
+                metrics_json=json.dumps(dict(metrics or {})),
+                state=state,
             )
         )
 
@@ -392,7 +475,12 @@ class Store:
             self._event_cond.notify_all()
 
     def add_event(
-        self, job_id: str, kind: str, *, round: int = 0, message: str = "",
+        self,
+        job_id: str,
+        kind: str,
+        *,
+        round: int = 0,
+        message: str = "",
         metrics: Mapping[str, float] | None = None,
     ) -> None:
         with self.tx() as c:
@@ -408,9 +496,14 @@ class Store:
         with self.engine.connect() as c:
             return [
                 EventRow(
-                    seq=r["seq"], job_id=r["job_id"], time=r["time"], kind=r["kind"],
-                    round=r["round"], message=r["message"],
-                    metrics=json.loads(r["metrics_json"]), state=r["state"],
+                    seq=r["seq"],
+                    job_id=r["job_id"],
+                    time=r["time"],
+                    kind=r["kind"],
+                    round=r["round"],
+                    message=r["message"],
+                    metrics=json.loads(r["metrics_json"]),
+                    state=r["state"],
                 )
                 for r in c.execute(q).mappings()
             ]

@@ -131,8 +131,9 @@ class TaskBroker:
 
     def node_lost(self, node: str) -> None:
         with self._lock:
-            collectors = {id(p.collector): p.collector for p in self._pending.values()
-                          if p.node == node}
+            collectors = {
+                id(p.collector): p.collector for p in self._pending.values() if p.node == node
+            }
         for c in collectors.values():
             c.node_lost(node)
 

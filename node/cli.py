@@ -12,11 +12,15 @@ from rich.table import Table
 from wharf.console import fail, out
 
 node_app = typer.Typer(
-    name="node", help="Run a node daemon and manage its datasets.", no_args_is_help=True,
+    name="node",
+    help="Run a node daemon and manage its datasets.",
+    no_args_is_help=True,
     add_completion=False,
 )
 dataset_app = typer.Typer(
-    name="dataset", help="Register and list local datasets.", no_args_is_help=True,
+    name="dataset",
+    help="Register and list local datasets.",
+    no_args_is_help=True,
     add_completion=False,
 )
 node_app.add_typer(dataset_app)
@@ -87,9 +91,16 @@ def dataset_add(
         desc = ds.describe(path, label, feats)
         state = NodeState(cfg.state_dir)
         reg = state.add_dataset(
-            name, path, fmt=desc.format, label=desc.label, features=list(desc.features),
-            feature_shape=list(desc.feature_shape), schema=[list(c) for c in desc.schema],
-            schema_hash=desc.schema_hash, fingerprint=desc.fingerprint, rows=desc.num_rows,
+            name,
+            path,
+            fmt=desc.format,
+            label=desc.label,
+            features=list(desc.features),
+            feature_shape=list(desc.feature_shape),
+            schema=[list(c) for c in desc.schema],
+            schema_hash=desc.schema_hash,
+            fingerprint=desc.fingerprint,
+            rows=desc.num_rows,
             replace=replace,
         )
     except ValueError as exc:
@@ -112,8 +123,9 @@ def dataset_list(config: ConfigOpt = Path("node.toml")) -> None:
         return
     table = Table("name", "rows", "features", "label", "format", "fingerprint")
     for d in rows:
-        table.add_row(d.name, str(d.rows), str(len(d.features)), d.label, d.format,
-                      d.fingerprint[:16] + "…")
+        table.add_row(
+            d.name, str(d.rows), str(len(d.features)), d.label, d.format, d.fingerprint[:16] + "…"
+        )
     out.print(table)
 
 

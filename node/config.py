@@ -80,7 +80,7 @@ def load(path: Path) -> NodeConfig:
     if insecure is not None:
         name = insecure.get("name") if isinstance(insecure, dict) else None
         if not isinstance(name, str) or not name:
-            raise ConfigError("[insecure] needs name = \"NODE-NAME\"")
+            raise ConfigError('[insecure] needs name = "NODE-NAME"')
         return NodeConfig(
             path, coordinator, state_dir, None, None, None, insecure_name=name, wire_log=wire_log
         )
@@ -102,9 +102,7 @@ def load(path: Path) -> NodeConfig:
     )
 
 
-def write(
-    path: Path, *, coordinator: str, state_dir: str, cert: str, key: str, ca: str
-) -> None:
+def write(path: Path, *, coordinator: str, state_dir: str, cert: str, key: str, ca: str) -> None:
     """Write a config file (used by `wharf demo` and tests)."""
     path.write_text(
         "[node]\n"

@@ -135,8 +135,11 @@ class NodeDaemon:
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     log.error("coordinator refused this node: %s", exc.details())
                 else:
-                    log.warning("coordinator unreachable (%s); retrying in %.0f s",
-                                code.name if code else exc, backoff)
+                    log.warning(
+                        "coordinator unreachable (%s); retrying in %.0f s",
+                        code.name if code else exc,
+                        backoff,
+                    )
             if time.time() - connected_at > 60:
                 backoff = 1.0
             self._stop.wait(backoff * (0.75 + 0.5 * random.random()))
@@ -150,16 +153,19 @@ class NodeDaemon:
             stub = pb_grpc.NodeServiceStub(channel)
             hello = stub.Hello(
                 pb.HelloRequest(version=__version__, datasets=self._dataset_infos()),
-                timeout=CALL_DEADLINE_S, metadata=self._metadata(),
+                timeout=CALL_DEADLINE_S,
+                metadata=self._metadata(),
             )
             log.info("connected to coordinator %s as %s", self.config.coordinator, hello.node_name)
             beat = threading.Thread(
-                target=self._heartbeat, args=(stub, hello.heartbeat_interval_s or 10.0, channel),
+                target=self._heartbeat,
+                args=(stub, hello.heartbeat_interval_s or 10.0, channel),
                 daemon=True,
             )
             beat.start()
             stream = stub.TaskStream(
-                pb.TaskStreamRequest(version=__version__), timeout=STREAM_DEADLINE_S,
+                pb.TaskStreamRequest(version=__version__),
+                timeout=STREAM_DEADLINE_S,
                 metadata=self._metadata(),
             )
             for task in stream:
@@ -175,7 +181,8 @@ class NodeDaemon:
             try:
                 stub.Heartbeat(
                     pb.HeartbeatRequest(running_tasks=sorted(self._running)),
-                    timeout=CALL_DEADLINE_S, metadata=self._metadata(),
+                    timeout=CALL_DEADLINE_S,
+                    metadata=self._metadata(),
                 )
             except grpc.RpcError:
                 return
@@ -183,9 +190,15 @@ class NodeDaemon:
     def _dataset_infos(self) -> list[pb.DatasetInfo]:
         return [
             pb.DatasetInfo(
-                name=d.name, rows=d.rows, label=d.label, features=d.features,
-                feature_shape=d.feature_shape, schema_json=json.dumps(d.schema),
-                schema_hash=d.schema_hash, fingerprint=d.fingerprint, format=d.format,
+                name=d.name,
+                rows=d.rows,
+                label=d.label,
+                features=d.features,
+                feature_shape=d.feature_shape,
+                schema_json=json.dumps(d.schema),
+                schema_hash=d.schema_hash,
+                fingerprint=d.fingerprint,
+                format=d.format,
             )
             for d in self.state.list_datasets()
         ]
@@ -216,15 +229,27 @@ class NodeDaemon:
                 payload.unlink(missing_ok=True)
 
     def _failure(self, task: pb.Task, error: str) -> pb.ResultHeader:
-        log.warning("task %s (%s, round %d) failed: %s", task.task_id[:8],
-                    pb.TaskKind.Name(task.kind), task.round, error)
+        log.warning(
+            "task %s (%s, round %d) failed: %s",
+            task.task_id[:8],
+            pb.TaskKind.Name(task.kind),
+            task.round,
+            error,
+        )
         return pb.ResultHeader(
-            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind,
-            ok=False, error=error[:500],
+            task_id=task.task_id,
+            job_id=task.job_id,
+            round=task.round,
+            kind=task.kind,
+            ok=False,
+            error=error[:500],
         )
 
     def _upload(
-        self, stub: pb_grpc.NodeServiceStub, header: pb.ResultHeader, payload: Path | None,
+        self,
+        stub: pb_grpc.NodeServiceStub,
+        header: pb.ResultHeader,
+        payload: Path | None,
         deadline_unix: float,
     ) -> None:
         def parts() -> Iterator[pb.UploadChunk]:
@@ -248,11 +273,14 @@ class NodeDaemon:
                 raise TaskError("job hash changed since the job's first task; refusing")
             return cache
 
-    def _download(self, stub: pb_grpc.NodeServiceStub, job_id: str, ref: pb.BlobRef, dest: Path) -> None:
+    def _download(
+        self, stub: pb_grpc.NodeServiceStub, job_id: str, ref: pb.BlobRef, dest: Path
+    ) -> None:
         if dest.exists():
             return
         chunks = stub.DownloadBlob(
-            pb.BlobRequest(sha256=ref.sha256, job_id=job_id), timeout=600.0,
+            pb.BlobRequest(sha256=ref.sha256, job_id=job_id),
+            timeout=600.0,
             metadata=self._metadata(),
         )
         path, sha = receive_chunks(chunks, dest.parent)
@@ -277,7 +305,11 @@ class NodeDaemon:
 
         threading.Thread(target=train, name=f"train-{task.task_id[:8]}", daemon=True).start()
         return pb.ResultHeader(
-            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind, ok=True,
+            task_id=task.task_id,
+            job_id=task.job_id,
+            round=task.round,
+            kind=task.kind,
+            ok=True,
             secagg=advert.SerializeToString(),
         )
 
@@ -287,7 +319,11 @@ class NodeDaemon:
         timeout = max(1.0, task.deadline_unix - time.time()) if task.deadline_unix else 3600.0
         response, vector = self.secure.phase(task, timeout)
         header = pb.ResultHeader(
-            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind, ok=True,
+            task_id=task.task_id,
+            job_id=task.job_id,
+            round=task.round,
+            kind=task.kind,
+            ok=True,
             secagg=response,
         )
         if vector is None:
@@ -298,7 +334,9 @@ class NodeDaemon:
         header.blob.CopyFrom(blob_ref_for_file(path))
         return header, path
 
-    def _execute(self, stub: pb_grpc.NodeServiceStub, task: pb.Task) -> tuple[pb.ResultHeader, Path | None]:
+    def _execute(
+        self, stub: pb_grpc.NodeServiceStub, task: pb.Task
+    ) -> tuple[pb.ResultHeader, Path | None]:
         if task.kind == pb.TASK_SECAGG:
             return self._secure_phase(task)
         if task.secure:
@@ -306,8 +344,13 @@ class NodeDaemon:
         task_dir = self._prepare(stub, task)
         local = self._run_local(task, task_dir)
         header = pb.ResultHeader(
-            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind, ok=True,
-            num_examples=local.num_examples, metrics=local.metrics,
+            task_id=task.task_id,
+            job_id=task.job_id,
+            round=task.round,
+            kind=task.kind,
+            ok=True,
+            num_examples=local.num_examples,
+            metrics=local.metrics,
             blob=blob_ref_for_file(local.payload),
         )
         return header, local.payload
@@ -362,7 +405,9 @@ class NodeDaemon:
             payload=task_dir / "result.safetensors",
         )
 
-    def _write_data(self, registered: RegisteredDataset, features: list[str], task_dir: Path) -> None:
+    def _write_data(
+        self, registered: RegisteredDataset, features: list[str], task_dir: Path
+    ) -> None:
         """Hand the worker the selected columns as tensors, after checking the file."""
         path = Path(registered.path)
         if not path.exists():
@@ -390,7 +435,10 @@ class NodeDaemon:
         with (task_dir / "worker.log").open("wb") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "wharf.node.worker", str(task_dir)],
-                cwd=task_dir, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                cwd=task_dir,
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             self._procs[task.task_id] = proc

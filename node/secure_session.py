@@ -82,7 +82,10 @@ class SecureSessions:
             return holder["client"].certificates.get(name) if "client" in holder else None
 
         client = SecAggClient(
-            node_id=self.name, job_id=task.job_id, round_number=task.round, sign=self.sign,
+            node_id=self.name,
+            job_id=task.job_id,
+            round_number=task.round,
+            sign=self.sign,
             verify=peer_verifier(certificate, self.ca_pem),
         )
         holder["client"] = client
@@ -90,7 +93,10 @@ class SecureSessions:
         with self._lock:
             # A retried round replaces the earlier attempt's session (fresh keys).
             self._sessions[(task.job_id, task.round)] = _Session(
-                client=client, kind=task.kind, weight_scale=int(task.weight_scale), work=work,
+                client=client,
+                kind=task.kind,
+                weight_scale=int(task.weight_scale),
+                work=work,
                 task_dir=task_dir,
             )
         return advert
@@ -120,10 +126,14 @@ class SecureSessions:
                     client.receive_shares(_parse(sa.SecAggShareDelivery, task.secagg, "shares"))
                     return self._masked_input(session, timeout)
                 if task.secagg_kind == "survivors":
-                    msg = client.consistency_check(_parse(sa.SecAggSurvivors, task.secagg, "survivors"))
+                    msg = client.consistency_check(
+                        _parse(sa.SecAggSurvivors, task.secagg, "survivors")
+                    )
                     return msg.SerializeToString(), None
                 if task.secagg_kind == "unmask":
-                    msg = client.unmask(_parse(sa.SecAggUnmaskRequest, task.secagg, "unmask request"))
+                    msg = client.unmask(
+                        _parse(sa.SecAggUnmaskRequest, task.secagg, "unmask request")
+                    )
                     self.end(task.job_id, task.round)
                     return msg.SerializeToString(), None
         except SecAggAborted:
@@ -158,4 +168,3 @@ class SecureSessions:
         vector = client.masked_vector
         assert vector is not None
         return msg.SerializeToString(), vector
-

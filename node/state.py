@@ -69,9 +69,19 @@ class NodeState:
         return self.state_dir / "work"
 
     def add_dataset(
-        self, name: str, path: Path, *, fmt: str, label: str, features: list[str],
-        feature_shape: list[int], schema: list[list[str]], schema_hash: str,
-        fingerprint: str, rows: int, replace: bool = False,
+        self,
+        name: str,
+        path: Path,
+        *,
+        fmt: str,
+        label: str,
+        features: list[str],
+        feature_shape: list[int],
+        schema: list[list[str]],
+        schema_hash: str,
+        fingerprint: str,
+        rows: int,
+        replace: bool = False,
     ) -> RegisteredDataset:
         with self.engine.begin() as c:
             exists = c.execute(sa.select(datasets.c.name).where(datasets.c.name == name)).first()
@@ -81,10 +91,17 @@ class NodeState:
                 c.execute(datasets.delete().where(datasets.c.name == name))
             c.execute(
                 datasets.insert().values(
-                    name=name, path=str(path.resolve()), format=fmt, label=label,
-                    features_json=json.dumps(features), feature_shape_json=json.dumps(feature_shape),
-                    schema_json=json.dumps(schema), schema_hash=schema_hash,
-                    fingerprint=fingerprint, rows=rows, added=time.time(),
+                    name=name,
+                    path=str(path.resolve()),
+                    format=fmt,
+                    label=label,
+                    features_json=json.dumps(features),
+                    feature_shape_json=json.dumps(feature_shape),
+                    schema_json=json.dumps(schema),
+                    schema_hash=schema_hash,
+                    fingerprint=fingerprint,
+                    rows=rows,
+                    added=time.time(),
                 )
             )
         got = self.get_dataset(name)
@@ -98,7 +115,9 @@ class NodeState:
 
     def list_datasets(self) -> list[RegisteredDataset]:
         with self.engine.connect() as c:
-            return [_row(r) for r in c.execute(datasets.select().order_by(datasets.c.name)).mappings()]
+            return [
+                _row(r) for r in c.execute(datasets.select().order_by(datasets.c.name)).mappings()
+            ]
 
     def remove_dataset(self, name: str) -> bool:
         with self.engine.begin() as c:
@@ -107,8 +126,15 @@ class NodeState:
 
 def _row(r: sa.RowMapping) -> RegisteredDataset:
     return RegisteredDataset(
-        name=r["name"], path=r["path"], format=r["format"], label=r["label"],
-        features=json.loads(r["features_json"]), feature_shape=json.loads(r["feature_shape_json"]),
-        schema=json.loads(r["schema_json"]), schema_hash=r["schema_hash"],
-        fingerprint=r["fingerprint"], rows=int(r["rows"]), added=float(r["added"]),
+        name=r["name"],
+        path=r["path"],
+        format=r["format"],
+        label=r["label"],
+        features=json.loads(r["features_json"]),
+        feature_shape=json.loads(r["feature_shape_json"]),
+        schema=json.loads(r["schema_json"]),
+        schema_hash=r["schema_hash"],
+        fingerprint=r["fingerprint"],
+        rows=int(r["rows"]),
+        added=float(r["added"]),
     )

@@ -68,7 +68,9 @@ class WireLogInterceptor(
         return continuation(details, request)
 
     def intercept_stream_unary(
-        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+        self,
+        continuation: Callable[..., Any],
+        details: grpc.ClientCallDetails,
         request_iterator: Iterator[Any],
     ) -> Any:
         def logged() -> Iterator[Any]:

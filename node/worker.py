@@ -111,8 +111,13 @@ def run(task_dir: Path) -> None:
 
     t = spec.training
     settings = training.TrainSettings(
-        optimizer=t.optimizer, lr=t.lr, epochs=t.epochs, batch_size=t.batch_size,
-        seed=t.seed + int(task["round"]), momentum=t.momentum, weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        seed=t.seed + int(task["round"]),
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
         proximal_mu=t.proximal_mu,
     )
     started = time.perf_counter()

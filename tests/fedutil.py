@@ -38,9 +38,17 @@ def start_federation(
     return fed, split.test
 
 
-def spec(rounds: int, *, secure: bool = True, min_nodes: int = 3, epochs: int = 1,
-         timeout: float = 60.0, retries: int = 2, hidden: object = None,
-         **training: object) -> dict[str, object]:
+def spec(
+    rounds: int,
+    *,
+    secure: bool = True,
+    min_nodes: int = 3,
+    epochs: int = 1,
+    timeout: float = 60.0,
+    retries: int = 2,
+    hidden: object = None,
+    **training: object,
+) -> dict[str, object]:
     train = {"optimizer": "adam", "lr": 0.005, "epochs": epochs, "batch_size": 16, "seed": 0}
     train.update(training)
     return {
@@ -50,8 +58,12 @@ def spec(rounds: int, *, secure: bool = True, min_nodes: int = 3, epochs: int = 
         "model": {"kind": "mlp", "num_classes": 2, "hidden": [16]},
         "training": train,
         "federation": {
-            "rounds": rounds, "min_nodes": min_nodes, "secure": secure,
-            "round_timeout_s": timeout, "max_round_retries": retries, "wait_for_nodes_s": 60.0,
+            "rounds": rounds,
+            "min_nodes": min_nodes,
+            "secure": secure,
+            "round_timeout_s": timeout,
+            "max_round_retries": retries,
+            "wait_for_nodes_s": 60.0,
         },
     }
 
@@ -71,5 +83,7 @@ def model_accuracy(model_path: Path, test: pd.DataFrame, hidden: list[int]) -> f
     feats = [c for c in test.columns if c != "diagnosis"]
     net = models.build_model("mlp", (len(feats),), 2, {"hidden": hidden})
     models.arrays_to_model(net, models.weights_from_bytes(model_path.read_bytes()))
-    rep = training.evaluate(net, test[feats].to_numpy(np.float32), test["diagnosis"].to_numpy(np.int64))
+    rep = training.evaluate(
+        net, test[feats].to_numpy(np.float32), test["diagnosis"].to_numpy(np.int64)
+    )
     return float(rep.accuracy)

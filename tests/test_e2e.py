@@ -67,8 +67,11 @@ def test_coordinator_killed_and_restarted_resumes_job(tmp_path: Path) -> None:
                     break
             before = client.get(job.job_id)
         fed.kill("coordinator")
-        done_before = {r.round: r.model_sha256 if hasattr(r, "model_sha256") else None
-                       for r in before.rounds if r.state == "completed"}
+        done_before = {
+            r.round: r.model_sha256 if hasattr(r, "model_sha256") else None
+            for r in before.rounds
+            if r.state == "completed"
+        }
         fed.restart("coordinator")
         with fed.client() as client:
             final = client.wait(job.job_id)
@@ -91,8 +94,11 @@ def test_developer_bundle_job(tmp_path: Path) -> None:
     with fed:
         raw = spec(2, secure=False, min_nodes=2)
         raw["model"] = {"kind": "bundle", "num_classes": 2, "input_shape": [30]}
-        raw["bundle"] = {"path": str(bundle), "model": "net:build_model",
-                         "train_step": "net:train_step"}
+        raw["bundle"] = {
+            "path": str(bundle),
+            "model": "net:build_model",
+            "train_step": "net:train_step",
+        }
         with fed.client() as client:
             job = client.submit(spec_mod.from_dict(raw))
             assert len(job.job_hash) == 64

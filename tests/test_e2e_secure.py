@@ -78,7 +78,10 @@ def test_secure_equals_plaintext_accuracy_and_nothing_raw_leaves(tmp_path: Path)
     log = tmp_path / "nodes" / "hospital-a" / "sent.log"
     sent = b"".join(raw for _, raw in read_wire_log(log))
     for needle in (
-        struct.pack("<f", CANARY), struct.pack("<d", CANARY), b"987654", b"987654.3",
+        struct.pack("<f", CANARY),
+        struct.pack("<d", CANARY),
+        b"987654",
+        b"987654.3",
     ):
         assert needle not in sent, f"canary {needle!r} left the node"
 

@@ -41,8 +41,17 @@ def test_import_rules(folder: str, forbidden: tuple[str, ...]) -> None:
 
 
 def test_top_level_layout_and_package_mapping() -> None:
-    for name in ("pyproject.toml", "README.md", "proto", "coordinator", "node", "algorithms",
-                 "benchmarks", "tests", "wharf"):
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "proto",
+        "coordinator",
+        "node",
+        "algorithms",
+        "benchmarks",
+        "tests",
+        "wharf",
+    ):
         assert (ROOT / name).exists(), name
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["project"]["name"] == "datawharf"
@@ -62,7 +71,9 @@ def test_generated_protocol_modules_are_fresh(tmp_path: Path) -> None:
     assert written, "no .proto compiled"
     for fresh in written:
         committed = PROTO_DIR / fresh.name
-        assert committed.exists(), f"{fresh.name} is not committed; run python -m wharf.proto.generate"
+        assert committed.exists(), (
+            f"{fresh.name} is not committed; run python -m wharf.proto.generate"
+        )
         assert committed.read_bytes() == fresh.read_bytes(), (
             f"{fresh.name} is stale relative to the .proto sources; "
             "run python -m wharf.proto.generate"

@@ -42,7 +42,10 @@ def test_defaults_secure_on_and_hash_stable(tmp_path: Path) -> None:
     ("edit", "message"),
     [
         (lambda t: "bogus = 1\n" + t, "unknown field 'bogus'"),
-        (lambda t: t.replace("rounds = 3", "rounds = 3\nround = 2"), "unknown field federation.round"),
+        (
+            lambda t: t.replace("rounds = 3", "rounds = 3\nround = 2"),
+            "unknown field federation.round",
+        ),
         (lambda t: t.replace("rounds = 3", 'rounds = "3"'), "federation.rounds must be an integer"),
         (lambda t: t.replace("rounds = 3", "rounds = 0"), "federation.rounds"),
         (lambda t: t.replace('kind = "mlp"', 'kind = "transformer"'), "model.kind must be one of"),
@@ -50,7 +53,7 @@ def test_defaults_secure_on_and_hash_stable(tmp_path: Path) -> None:
         (lambda t: t.replace('dataset = "breast_cancer"', 'dataset = ""'), "data.dataset"),
         (lambda t: t.replace("rounds = 3", "rounds = 3\nmin_nodes = 1"), "at least 2 with secure"),
         (lambda t: t + "\n[training]\nlr = nan\n", "training.lr must be finite"),
-        (lambda t: t + "\n[bundle]\nmodel = \"x:y\"\n", "needs model.kind"),
+        (lambda t: t + '\n[bundle]\nmodel = "x:y"\n', "needs model.kind"),
         (lambda t: t.replace("[data]", "[data]\nfeatures = 3"), "data.features must be a list"),
         (lambda t: t.replace("name = ", "nam = "), "unknown field 'nam'"),
         (lambda t: "name = [", "not valid TOML"),

@@ -57,9 +57,7 @@ def iter_file_chunks(path: Path, ref: pb.BlobRef | None = None) -> Iterator[pb.B
             data = fh.read(CHUNK_SIZE)
             if not data and offset > 0:
                 break
-            yield pb.BlobChunk(
-                sha256=ref.sha256, offset=offset, total_size=ref.size, data=data
-            )
+            yield pb.BlobChunk(sha256=ref.sha256, offset=offset, total_size=ref.size, data=data)
             offset += len(data)
             if not data:
                 break
@@ -98,9 +96,7 @@ class Spool:
         if offset is not None and offset != self.received:
             raise TransferError(f"chunk at offset {offset}, expected {self.received}")
         if self.received + len(data) > self.expected_size:
-            raise TransferError(
-                f"payload exceeds its declared size of {self.expected_size} bytes"
-            )
+            raise TransferError(f"payload exceeds its declared size of {self.expected_size} bytes")
         self._fh.write(data)
         self._digest.update(data)
         self.received += len(data)
@@ -117,8 +113,7 @@ class Spool:
         if actual != self.expected_sha256:
             self.discard()
             raise TransferError(
-                f"payload hash mismatch: declared {self.expected_sha256[:12]}…, "
-                f"got {actual[:12]}…"
+                f"payload hash mismatch: declared {self.expected_sha256[:12]}…, got {actual[:12]}…"
             )
         return self.path
 

@@ -91,7 +91,9 @@ class Client:
         if os.environ.get("WHARF_INSECURE_IDENTITY"):
             return cls(address, insecure_identity=os.environ["WHARF_INSECURE_IDENTITY"])
         return cls(
-            address, cert=os.environ.get("WHARF_CERT"), key=os.environ.get("WHARF_KEY"),
+            address,
+            cert=os.environ.get("WHARF_CERT"),
+            key=os.environ.get("WHARF_KEY"),
             ca=os.environ.get("WHARF_CA"),
         )
 
@@ -127,14 +129,15 @@ class Client:
     def cancel(self, job_id: str) -> pb.JobInfo:
         return self._call("CancelJob", pb.JobRef(job_id=job_id))  # type: ignore[no-any-return]
 
-    def nodes(self) -> list[pb.NodeInfo]:
+    def nodes(self) -> builtins.list[pb.NodeInfo]:
         return list(self._call("ListNodes", pb.ListNodesRequest()).nodes)
 
     def watch(self, job_id: str, after_seq: int = 0) -> Iterator[pb.JobEvent]:
         """Stream the job's events until it reaches a terminal state."""
         stream = self._stub.WatchJob(
             pb.WatchJobRequest(job_id=job_id, after_seq=after_seq),
-            timeout=WATCH_DEADLINE_S, metadata=self._metadata,
+            timeout=WATCH_DEADLINE_S,
+            metadata=self._metadata,
         )
         yield from stream
 

@@ -61,7 +61,10 @@ def job_spec(rounds: int, secure: bool) -> dict[str, object]:
         "model": {"kind": "mlp", "num_classes": 2, "hidden": [32, 16]},
         "training": {"optimizer": "adam", "lr": 0.005, "epochs": 1, "batch_size": 16, "seed": 0},
         "federation": {
-            "rounds": rounds, "min_nodes": 3, "strategy": "fedavg", "secure": secure,
+            "rounds": rounds,
+            "min_nodes": 3,
+            "strategy": "fedavg",
+            "secure": secure,
             "round_timeout_s": 120.0,
         },
     }
@@ -80,8 +83,11 @@ def central_accuracy(split: DemoSplit, spec: dict[str, object], rounds: int) -> 
     total, total_sq, count = training.feature_moments(x)
     models.set_standardization(net, *training.moments_to_standardization(total, total_sq, count))
     settings = training.TrainSettings(
-        optimizer="adam", lr=float(t["lr"]), epochs=int(t["epochs"]) * rounds,
-        batch_size=int(t["batch_size"]), seed=int(t["seed"]),
+        optimizer="adam",
+        lr=float(t["lr"]),
+        epochs=int(t["epochs"]) * rounds,
+        batch_size=int(t["batch_size"]),
+        seed=int(t["seed"]),
     )
     training.train_local(net, x, y, settings)
     return test_accuracy(net, split)
@@ -140,7 +146,9 @@ def run_demo(rounds: int = 20, secure: bool = True, keep: bool = False) -> int:
         spec = spec_mod.from_dict(spec_dict)
         with fed.client("alice") as client:
             info = client.submit(spec)
-            out.print(f"• submitted job {info.job_id} (secure aggregation: {'on' if secure else 'OFF'})")
+            out.print(
+                f"• submitted job {info.job_id} (secure aggregation: {'on' if secure else 'OFF'})"
+            )
             final = follow(client, info.job_id, info.rounds_total)
             if final.state != "completed":
                 out.print(f"[red]job {final.state}: {final.reason}[/red]")
@@ -153,7 +161,11 @@ def run_demo(rounds: int = 20, secure: bool = True, keep: bool = False) -> int:
         out.print()
         out.print(f"  federated model test accuracy : [bold]{fed_acc * 100:.2f} %[/bold]")
         out.print(f"  central model test accuracy   : [bold]{central_acc * 100:.2f} %[/bold]")
-        verdict = "[green]within 2 points[/green]" if abs(gap) <= 2 else "[red]more than 2 points apart[/red]"
+        verdict = (
+            "[green]within 2 points[/green]"
+            if abs(gap) <= 2
+            else "[red]more than 2 points apart[/red]"
+        )
         out.print(f"  difference                    : {gap:+.2f} points ({verdict})")
         code = 0 if abs(gap) <= 2 else 1
     except RuntimeError as exc:

@@ -16,14 +16,18 @@ from rich.table import Table
 from wharf.console import fail, out
 
 job_app = typer.Typer(
-    name="job", help="Submit and follow training jobs.", no_args_is_help=True,
+    name="job",
+    help="Submit and follow training jobs.",
+    no_args_is_help=True,
     add_completion=False,
 )
 
-Coord = Annotated[str, typer.Option("--coordinator", envvar="WHARF_COORDINATOR",
-                                    help="coordinator host:port")]
-Cert = Annotated[Path | None, typer.Option("--cert", envvar="WHARF_CERT",
-                                           help="your certificate (PEM)")]
+Coord = Annotated[
+    str, typer.Option("--coordinator", envvar="WHARF_COORDINATOR", help="coordinator host:port")
+]
+Cert = Annotated[
+    Path | None, typer.Option("--cert", envvar="WHARF_CERT", help="your certificate (PEM)")
+]
 Key = Annotated[Path | None, typer.Option("--key", envvar="WHARF_KEY", help="your key (PEM)")]
 CA = Annotated[Path | None, typer.Option("--ca", envvar="WHARF_CA", help="deployment CA (PEM)")]
 
@@ -31,7 +35,9 @@ TERMINAL = {"completed", "failed", "cancelled"}
 
 
 @contextmanager
-def client_for(coordinator: str, cert: Path | None, key: Path | None, ca: Path | None) -> Iterator[Any]:
+def client_for(
+    coordinator: str, cert: Path | None, key: Path | None, ca: Path | None
+) -> Iterator[Any]:
     """Open a client and turn every expected failure into one clear line."""
     import os
 
@@ -71,7 +77,9 @@ def _fmt_metrics(metrics: Any) -> str:
     return "  ".join(parts)
 
 
-def follow(client: Any, job_id: str, total_rounds: int, echo: Callable[[str], None] | None = None) -> Any:
+def follow(
+    client: Any, job_id: str, total_rounds: int, echo: Callable[[str], None] | None = None
+) -> Any:
     """Show a live progress bar for a job until it ends; returns the final JobInfo."""
     columns = (
         TextColumn("[bold]{task.fields[name]}"),
@@ -107,7 +115,10 @@ def follow(client: Any, job_id: str, total_rounds: int, echo: Callable[[str], No
 def submit(
     spec: Annotated[Path, typer.Argument(help="job spec (TOML)")],
     watch: Annotated[bool, typer.Option("--watch/--no-watch", help="follow progress")] = True,
-    coordinator: Coord = "127.0.0.1:7443", cert: Cert = None, key: Key = None, ca: CA = None,
+    coordinator: Coord = "127.0.0.1:7443",
+    cert: Cert = None,
+    key: Key = None,
+    ca: CA = None,
 ) -> None:
     """Submit a job spec."""
     from wharf.spec import SpecError, load_toml
@@ -118,7 +129,9 @@ def submit(
         fail(str(exc))
     with client_for(coordinator, cert, key, ca) as client:
         info = client.submit(parsed)
-        out.print(f"submitted job [bold]{info.job_id}[/bold] ({info.name}), hash {info.job_hash[:16]}…")
+        out.print(
+            f"submitted job [bold]{info.job_id}[/bold] ({info.name}), hash {info.job_hash[:16]}…"
+        )
         if watch:
             final = follow(client, info.job_id, info.rounds_total)
             _summary(final)
@@ -129,7 +142,10 @@ def submit(
 @job_app.command("watch")
 def watch_cmd(
     job_id: str,
-    coordinator: Coord = "127.0.0.1:7443", cert: Cert = None, key: Key = None, ca: CA = None,
+    coordinator: Coord = "127.0.0.1:7443",
+    cert: Cert = None,
+    key: Key = None,
+    ca: CA = None,
 ) -> None:
     """Follow a job's progress live until it ends."""
     with client_for(coordinator, cert, key, ca) as client:
@@ -145,7 +161,8 @@ def _summary(info: Any) -> None:
             continue
         m = r.metrics
         table.add_row(
-            str(r.round), str(len(r.nodes)),
+            str(r.round),
+            str(len(r.nodes)),
             f"{m['global_accuracy']:.4f}" if "global_accuracy" in m else "-",
             f"{m['global_loss']:.4f}" if "global_loss" in m else "-",
             f"{m['train_loss']:.4f}" if "train_loss" in m else "-",
@@ -160,8 +177,12 @@ def _summary(info: Any) -> None:
 
 @job_app.command("get")
 def get_cmd(
-    job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False,
-    coordinator: Coord = "127.0.0.1:7443", cert: Cert = None, key: Key = None, ca: CA = None,
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    coordinator: Coord = "127.0.0.1:7443",
+    cert: Cert = None,
+    key: Key = None,
+    ca: CA = None,
 ) -> None:
     """Show one job."""
     from google.protobuf.json_format import MessageToDict
@@ -181,22 +202,34 @@ def get_cmd(
 @job_app.command("list")
 def list_cmd(
     state: Annotated[str, typer.Option(help="only jobs in this state")] = "",
-    coordinator: Coord = "127.0.0.1:7443", cert: Cert = None, key: Key = None, ca: CA = None,
+    coordinator: Coord = "127.0.0.1:7443",
+    cert: Cert = None,
+    key: Key = None,
+    ca: CA = None,
 ) -> None:
     """List your jobs (operators: all jobs)."""
     with client_for(coordinator, cert, key, ca) as client:
         jobs = client.list(state=state)
     table = Table("job", "name", "owner", "state", "rounds", "created")
     for j in jobs:
-        table.add_row(j.job_id, j.name, j.owner, j.state,
-                      f"{j.rounds_completed}/{j.rounds_total}", _when(j.created))
+        table.add_row(
+            j.job_id,
+            j.name,
+            j.owner,
+            j.state,
+            f"{j.rounds_completed}/{j.rounds_total}",
+            _when(j.created),
+        )
     out.print(table)
 
 
 @job_app.command("cancel")
 def cancel_cmd(
     job_id: str,
-    coordinator: Coord = "127.0.0.1:7443", cert: Cert = None, key: Key = None, ca: CA = None,
+    coordinator: Coord = "127.0.0.1:7443",
+    cert: Cert = None,
+    key: Key = None,
+    ca: CA = None,
 ) -> None:
     """Cancel a job."""
     with client_for(coordinator, cert, key, ca) as client:
@@ -210,7 +243,10 @@ def model_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="destination .safetensors")] = Path(
         "model.safetensors"
     ),
-    coordinator: Coord = "127.0.0.1:7443", cert: Cert = None, key: Key = None, ca: CA = None,
+    coordinator: Coord = "127.0.0.1:7443",
+    cert: Cert = None,
+    key: Key = None,
+    ca: CA = None,
 ) -> None:
     """Download a completed job's model (hash-verified)."""
     with client_for(coordinator, cert, key, ca) as client:
@@ -220,7 +256,10 @@ def model_cmd(
 
 @job_app.command("nodes")
 def nodes_cmd(
-    coordinator: Coord = "127.0.0.1:7443", cert: Cert = None, key: Key = None, ca: CA = None,
+    coordinator: Coord = "127.0.0.1:7443",
+    cert: Cert = None,
+    key: Key = None,
+    ca: CA = None,
 ) -> None:
     """List nodes and the datasets they offer (metadata only)."""
     with client_for(coordinator, cert, key, ca) as client:
@@ -229,7 +268,10 @@ def nodes_cmd(
     for n in nodes:
         for d in n.datasets or [None]:
             table.add_row(
-                n.name, "yes" if n.online else "no", d.name if d else "-",
-                str(d.rows) if d else "-", str(tuple(d.feature_shape)) if d else "-",
+                n.name,
+                "yes" if n.online else "no",
+                d.name if d else "-",
+                str(d.rows) if d else "-",
+                str(tuple(d.feature_shape)) if d else "-",
             )
     out.print(table)

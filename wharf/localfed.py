@@ -72,7 +72,10 @@ class LocalFederation:
         logf = proc.log.open("ab")
         proc.popen = subprocess.Popen(
             [sys.executable, "-m", "wharf.cli", *proc.args],
-            stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=self.root,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.root,
             start_new_session=True,
         )
         logf.close()
@@ -84,9 +87,21 @@ class LocalFederation:
         port_file.unlink(missing_ok=True)
         listen = f"127.0.0.1:{self.port}"  # 0 on first start; the same port on restart
         args = [
-            "coordinator", "start", "--listen", listen, "--data-dir",
-            str(self.root / "coordinator"), "--cert", str(cert), "--key", str(key),
-            "--ca", str(self.ca_pem), "--port-file", str(port_file), *(extra or []),
+            "coordinator",
+            "start",
+            "--listen",
+            listen,
+            "--data-dir",
+            str(self.root / "coordinator"),
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--ca",
+            str(self.ca_pem),
+            "--port-file",
+            str(port_file),
+            *(extra or []),
         ]
         proc = Proc("coordinator", args, self.logs / "coordinator.log")
         self._spawn(proc)
@@ -122,8 +137,21 @@ class LocalFederation:
     ) -> None:
         """Register a dataset at a node, through the real CLI."""
         config = self.node_config(node)
-        args = [sys.executable, "-m", "wharf.cli", "node", "dataset", "add", dataset, str(path),
-                "--label", label, "--config", str(config), "--replace"]
+        args = [
+            sys.executable,
+            "-m",
+            "wharf.cli",
+            "node",
+            "dataset",
+            "add",
+            dataset,
+            str(path),
+            "--label",
+            label,
+            "--config",
+            str(config),
+            "--replace",
+        ]
         if features:
             args += ["--features", ",".join(features)]
         res = subprocess.run(args, capture_output=True, text=True, cwd=self.root, check=False)

@@ -121,7 +121,10 @@ class JobSpec:
     def canonical_json(self) -> str:
         """The canonical JSON form that the job hash covers."""
         return json.dumps(
-            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+            self.to_dict(),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
             allow_nan=False,
         )
 
@@ -194,9 +197,7 @@ def _section(name: str, cls: type, raw: Any) -> Any:
         raise SpecError(
             f"unknown field {name}.{unknown[0]}; valid fields of [{name}]: {', '.join(known)}"
         )
-    values = {
-        key: _coerce(f"{name}.{key}", str(known[key].type), val) for key, val in raw.items()
-    }
+    values = {key: _coerce(f"{name}.{key}", str(known[key].type), val) for key, val in raw.items()}
     return cls(**values)
 
 
@@ -281,7 +282,7 @@ def validate(spec: JobSpec) -> None:
         if b.train_step and not ENTRY_RE.match(b.train_step):
             raise SpecError("bundle.train_step must be an entry point like 'net:train_step'")
     elif b.path or b.model or b.train_step or b.sha256:
-        raise SpecError("a [bundle] section needs model.kind = \"bundle\"")
+        raise SpecError('a [bundle] section needs model.kind = "bundle"')
 
 
 def load_toml(path: Path) -> JobSpec:
