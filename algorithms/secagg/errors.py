@@ -44,7 +44,7 @@ class SecAggError(Exception):
     """Base class of every secure-aggregation error."""
 
 
-class SecAggAborted(SecAggError):  # noqa: N818 - the name says what happened
+class SecAggAborted(SecAggError):
     """The round is over for this party; ``reason`` says why, ``detail`` in words.
 
     A client that raises this has moved to its terminal ``ABORTED`` state and
@@ -58,7 +58,7 @@ class SecAggAborted(SecAggError):  # noqa: N818 - the name says what happened
         self.detail = detail
 
 
-class MessageRejected(SecAggError):  # noqa: N818 - the name says what happened
+class MessageRejected(SecAggError):
     """The coordinator refused one node message; the round goes on without it.
 
     The sending node is treated as having dropped out of the current phase.

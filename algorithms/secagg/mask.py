@@ -44,8 +44,8 @@ THREADED_CHUNK_WORDS = 131072
 must retake the GIL, so fewer, larger chunks let the threads overlap better (the
 benchmark suite measured 32 Ki-word chunks to gain little from a second thread)."""
 
-THREAD_MIN_WORDS = 1 << 21
-"""Below about two million values a second thread did not pay for itself here."""
+THREAD_MIN_WORDS = 1 << 19
+"""Below about half a million values a second thread did not pay for itself here."""
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
