@@ -67,6 +67,8 @@ class SecureSessions:
         self.sign = sign
         self.ca_pem = ca_pem
         self._sessions: dict[tuple[str, int], _Session] = {}
+        self._revealed: set[tuple[str, int]] = set()
+        """(job, round) pairs whose aggregate this node already helped unmask."""
         self._lock = threading.Lock()
 
     def start(
@@ -75,6 +77,14 @@ class SecureSessions:
         """Check the setup carried by a TRAIN/STATS task; return signed key advertisements."""
         if task.weight_scale < 1:
             raise SecureTaskError("secure task lacks its public weight scale")
+        with self._lock:
+            if (task.job_id, task.round) in self._revealed:
+                # Two unmasked sums of the same update over different survivor
+                # sets would let a coordinator subtract its way to one node's update.
+                raise SecureTaskError(
+                    f"this node already contributed to the unmasked aggregate of round "
+                    f"{task.round}; it will not contribute to a second one"
+                )
         setup = _parse(sa.SecAggSetup, task.secagg, "secure-aggregation setup")
         holder: dict[str, SecAggClient] = {}
 
@@ -112,6 +122,8 @@ class SecureSessions:
         with self._lock:
             for key in [k for k in self._sessions if k[0] == job_id and rnd in (None, k[1])]:
                 del self._sessions[key]
+            if rnd is None:  # the job is over
+                self._revealed = {k for k in self._revealed if k[0] != job_id}
 
     def phase(self, task: pb.Task, timeout: float) -> tuple[bytes, np.ndarray | None]:
         """Answer one phase; returns the response bytes and, for the masked input, the vector."""
@@ -131,9 +143,10 @@ class SecureSessions:
                     )
                     return msg.SerializeToString(), None
                 if task.secagg_kind == "unmask":
-                    msg = client.unmask(
-                        _parse(sa.SecAggUnmaskRequest, task.secagg, "unmask request")
-                    )
+                    request = _parse(sa.SecAggUnmaskRequest, task.secagg, "unmask request")
+                    with self._lock:
+                        self._revealed.add((task.job_id, task.round))
+                    msg = client.unmask(request)
                     self.end(task.job_id, task.round)
                     return msg.SerializeToString(), None
         except SecAggAborted:
