@@ -174,8 +174,13 @@ class FlowerRound:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def server_round(num_values: int, neighbours: dict[int, list[int]], dropped: Sequence[int],
-                 threshold: int, seed: int = 0) -> FlowerRound:
+def server_round(
+    num_values: int,
+    neighbours: dict[int, list[int]],
+    dropped: Sequence[int],
+    threshold: int,
+    seed: int = 0,
+) -> FlowerRound:
     """Build Flower's server-side inputs (untimed): masked int64 vectors as ``ndarray_to_bytes``,
     Shamir shares of survivors' seeds and of dropped nodes' PEM ``sk1`` as Flower creates them.
 
@@ -188,8 +193,10 @@ def server_round(num_values: int, neighbours: dict[int, list[int]], dropped: Seq
     keys = {i: generate_key_pairs() for i in nodes}
     pk1 = {i: public_key_to_bytes(keys[i][1]) for i in nodes}
     masked = [
-        [ndarray_to_bytes(np.array([TARGET_RANGE])),
-         ndarray_to_bytes(rng.integers(0, MOD_RANGE, num_values, dtype=np.int64))]
+        [
+            ndarray_to_bytes(np.array([TARGET_RANGE])),
+            ndarray_to_bytes(rng.integers(0, MOD_RANGE, num_values, dtype=np.int64)),
+        ]
         for _ in survivors
     ]
     seed_shares: dict[int, list[bytes]] = {}
@@ -213,8 +220,9 @@ def server_aggregate(fr: FlowerRound, phases: dict[str, list[float]] | None = No
     masked_vector: NDArrays | None = None
     for blobs in fr.masked:
         client_vec = [bytes_to_ndarray(b) for b in blobs]
-        masked_vector = client_vec if masked_vector is None else parameters_addition(
-            masked_vector, client_vec)
+        masked_vector = (
+            client_vec if masked_vector is None else parameters_addition(masked_vector, client_vec)
+        )
     assert masked_vector is not None
     masked_vector = parameters_mod(masked_vector, MOD_RANGE)
     t1 = time.perf_counter()
@@ -235,7 +243,8 @@ def server_aggregate(fr: FlowerRound, phases: dict[str, list[float]] | None = No
                 if nb not in alive:
                     continue
                 shared_key = generate_shared_key(
-                    bytes_to_private_key(secret), bytes_to_public_key(fr.pk1[nb]))
+                    bytes_to_private_key(secret), bytes_to_public_key(fr.pk1[nb])
+                )
                 pairwise_mask = pseudo_rand_gen(shared_key, MOD_RANGE, shapes)
                 if nid > nb:
                     masked_vector = parameters_addition(masked_vector, pairwise_mask)

@@ -149,7 +149,11 @@ def load_average() -> list[float]:
 def _git_commit(root: Path) -> str:
     try:
         res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):

@@ -50,10 +50,6 @@ from .harness import Case, Timing, load_average, machine_info, measure
 MASK_STREAMS = 9
 """Self mask + k = 8 pairwise masks: the keystream streams one client generates."""
 
-PROPOSED_THREAD_CHUNK = 131072
-"""Words per chunk when two threads share the kernel (proposed default, see README):
-fewer, longer GIL-free calls per byte, so the two threads stop queueing for the GIL."""
-
 AES_CHUNK_SMALL = 64 * 1024
 AES_CHUNK_LARGE = 1024 * 1024
 
@@ -83,19 +79,36 @@ class Config:
     @classmethod
     def full(cls) -> Config:
         return cls(
-            mode="full", repeats=5, warmup=1, mask_sizes=[10**5, 10**6, 10**7],
-            server_nodes=[10, 100], server_values=10**6, shamir_holders=[10, 100],
-            round_nodes=[10, 100], key_degrees=[8, 15], wire_values=10**6,
-            aes_bytes=256 << 20, add_out_of_cache_bytes=64 << 20,
+            mode="full",
+            repeats=5,
+            warmup=1,
+            mask_sizes=[10**5, 10**6, 10**7],
+            server_nodes=[10, 100],
+            server_values=10**6,
+            shamir_holders=[10, 100],
+            round_nodes=[10, 100],
+            key_degrees=[8, 15],
+            wire_values=10**6,
+            aes_bytes=256 << 20,
+            add_out_of_cache_bytes=64 << 20,
         )
 
     @classmethod
     def quick(cls) -> Config:
         return cls(
-            mode="quick", repeats=3, warmup=1, mask_sizes=[10**5, 10**6],
-            server_nodes=[10], server_values=10**5, shamir_holders=[10, 100],
-            round_nodes=[10], key_degrees=[8], wire_values=10**5,
-            aes_bytes=64 << 20, add_out_of_cache_bytes=64 << 20, prototypes=False,
+            mode="quick",
+            repeats=3,
+            warmup=1,
+            mask_sizes=[10**5, 10**6],
+            server_nodes=[10],
+            server_values=10**5,
+            shamir_holders=[10, 100],
+            round_nodes=[10],
+            key_degrees=[8],
+            wire_values=10**5,
+            aes_bytes=64 << 20,
+            add_out_of_cache_bytes=64 << 20,
+            prototypes=False,
         )
 
 
@@ -123,6 +136,11 @@ def _collecting(results: list[Any], phases: dict[str, list[float]]) -> Callable[
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
+
+
+def _fraction(material: int, ts: dict[str, Timing], aes_gbps: float, name: str) -> float:
+    """Mask-material rate of contender ``name`` as a fraction of the raw AES rate."""
+    return (material / ts[name].median / 1e9) / aes_gbps
 
 
 def _timings(ts: dict[str, Timing]) -> dict[str, Any]:
@@ -185,18 +203,24 @@ def section_limit(cfg: Config) -> dict[str, Any]:
     """What one core can do at best: AES-CTR keystream and a uint32 add."""
     total = cfg.aes_bytes
     aes = measure(
-        [Case("aes_64KiB", _aes_fill(total, AES_CHUNK_SMALL)),
-         Case("aes_1MiB", _aes_fill(total, AES_CHUNK_LARGE)),
-         Case("aes_1MiB_2threads", _aes_two_threads(total, AES_CHUNK_LARGE))],
-        cfg.repeats, cfg.warmup,
+        [
+            Case("aes_64KiB", _aes_fill(total, AES_CHUNK_SMALL)),
+            Case("aes_1MiB", _aes_fill(total, AES_CHUNK_LARGE)),
+            Case("aes_1MiB_2threads", _aes_two_threads(total, AES_CHUNK_LARGE)),
+        ],
+        cfg.repeats,
+        cfg.warmup,
     )
     in_words = (64 << 10) // 4
     out_words = cfg.add_out_of_cache_bytes // 4
     add_total = 1 << 26
     adds = measure(
-        [Case("add_in_cache_64KiB", _add_loop(in_words, add_total)),
-         Case("add_out_of_cache", _add_loop(out_words, max(add_total, out_words)))],
-        cfg.repeats, cfg.warmup,
+        [
+            Case("add_in_cache_64KiB", _add_loop(in_words, add_total)),
+            Case("add_out_of_cache", _add_loop(out_words, max(add_total, out_words))),
+        ],
+        cfg.repeats,
+        cfg.warmup,
     )
     in_elems = max(1, add_total // in_words) * in_words
     out_elems = max(1, max(add_total, out_words) // out_words) * out_words
@@ -225,10 +249,12 @@ def section_limit(cfg: Config) -> dict[str, Any]:
 
 
 def section_masking(cfg: Config) -> dict[str, Any]:
-    """Quantise + self mask + 8 pairwise masks: Wharf, Wharf on one thread, Flower, AES limit.
+    """Quantise + self mask + 8 pairwise masks: Wharf's production path and in-process
+    variants, Flower, and raw AES producing the same bytes, all in one alternation.
 
-    With ``cfg.prototypes`` the two-process kernel proposed in
-    :mod:`.prototypes` runs in the same alternation (reported apart, never as Wharf).
+    With ``cfg.prototypes`` the earlier two-process prototype of :mod:`.prototypes`
+    (now adopted as ``wharf.algorithms.secagg.parallel``) runs in the same
+    alternation for comparison (reported apart, never as Wharf).
     """
     if not cfg.prototypes:
         return _masking(cfg, None)
@@ -248,15 +274,16 @@ def _masking(cfg: Config, masker: Any) -> dict[str, Any]:
         wsetup = wh.masking_setup(n, k)
         fsetup = fl.masking_setup(k)
         material = MASK_STREAMS * 4 * n
+        aes_bytes = -(-material // AES_CHUNK_LARGE) * AES_CHUNK_LARGE
         scratch = np.zeros(wsetup.layout.length, dtype=np.uint32)
+        correct = wh.masking_is_exact(wsetup, update)  # also warms the helper's buffers
+        before = wh.helper_status()
         cases = [
             Case("wharf", call(wh.mask_update, wsetup, update)),
             Case("flower", call(fl.mask_update, fsetup, [update])),
+            Case("aes_limit_same_bytes", _aes_fill(aes_bytes, AES_CHUNK_LARGE)),
             Case("wharf_1thread", call(wh.mask_update, wsetup, update, threads=1)),
-            Case("wharf_2threads_big_chunks", call(wh.mask_update, wsetup, update, threads=2,
-                                                   chunk_words=PROPOSED_THREAD_CHUNK)),
-            Case("aes_limit_same_bytes", _aes_fill(
-                -(-material // AES_CHUNK_LARGE) * AES_CHUNK_LARGE, AES_CHUNK_LARGE)),
+            Case("wharf_2threads", call(wh.mask_update, wsetup, update, threads=2)),
             Case("wharf_mask_only", call(wh.unmask_only, scratch, wsetup)),
         ]
         proto: dict[str, Any] = {}
@@ -264,40 +291,48 @@ def _masking(cfg: Config, masker: Any) -> dict[str, Any]:
             from .prototypes import is_bit_identical, prototype_mask
 
             proto["bit_identical"] = is_bit_identical(masker, update, wsetup)
-            cases.append(Case("prototype_2proc",
-                              call(prototype_mask, masker, wsetup, update)))
+            cases.append(Case("prototype_2proc", call(prototype_mask, masker, wsetup, update)))
         ts = measure(cases, cfg.repeats, cfg.warmup)
+        after = wh.helper_status()
+        tw, tf, taes = ts["wharf"].median, ts["flower"].median, ts["aes_limit_same_bytes"].median
+        aes_rate = aes_bytes / taes / 1e9
+
+        frac = partial(_fraction, material, ts, aes_rate)
         if masker is not None:
             tp = ts["prototype_2proc"].median
-            proto.update(seconds=tp, material_gbps=material / tp / 1e9,
-                         speedup_vs_wharf=_ratio(ts["wharf"].median, tp),
-                         speedup_vs_flower=_ratio(ts["flower"].median, tp))
-        tw, tf, taes = ts["wharf"].median, ts["flower"].median, ts["aes_limit_same_bytes"].median
-        aes_bytes = -(-material // AES_CHUNK_LARGE) * AES_CHUNK_LARGE
-        aes_rate = aes_bytes / taes / 1e9
-        rows.append({
-            "n": n,
-            "k": k,
-            "wharf_threads_default": wh.threads_used(n),
-            "correct": wh.masking_is_exact(wsetup, update),
-            "wharf_s": tw,
-            "wharf_1thread_s": ts["wharf_1thread"].median,
-            "wharf_2threads_big_chunks_s": ts["wharf_2threads_big_chunks"].median,
-            "wharf_2threads_big_chunks_fraction_of_aes":
-                (material / ts["wharf_2threads_big_chunks"].median / 1e9) / aes_rate,
-            "wharf_mask_only_s": ts["wharf_mask_only"].median,
-            "flower_s": tf,
-            "speedup_vs_flower": _ratio(tf, tw),
-            "mask_material_bytes": material,
-            "wharf_material_gbps": material / tw / 1e9,
-            "flower_material_gbps": material / tf / 1e9,
-            "aes_limit_gbps": aes_rate,
-            "fraction_of_aes": (material / tw / 1e9) / aes_rate,
-            "mask_only_fraction_of_aes": (material / ts["wharf_mask_only"].median / 1e9) / aes_rate,
-            "prototype_2proc": ({**proto, "fraction_of_aes": proto["material_gbps"] / aes_rate}
-                                if "seconds" in proto else None),
-            "timings": _timings(ts),
-        })
+            proto.update(
+                seconds=tp,
+                material_gbps=material / tp / 1e9,
+                fraction_of_aes=frac("prototype_2proc"),
+                speedup_vs_wharf=_ratio(tw, tp),
+                speedup_vs_flower=_ratio(tf, tp),
+            )
+        rows.append(
+            {
+                "n": n,
+                "k": k,
+                "wharf_path": wh.path_used(n),
+                "helper_calls": after["calls"] - before["calls"],
+                "helper_share": after["helper_share"],
+                "correct": correct,
+                "wharf_s": tw,
+                "wharf_1thread_s": ts["wharf_1thread"].median,
+                "wharf_1thread_fraction_of_aes": frac("wharf_1thread"),
+                "wharf_2threads_s": ts["wharf_2threads"].median,
+                "wharf_2threads_fraction_of_aes": frac("wharf_2threads"),
+                "wharf_mask_only_s": ts["wharf_mask_only"].median,
+                "flower_s": tf,
+                "speedup_vs_flower": _ratio(tf, tw),
+                "mask_material_bytes": material,
+                "wharf_material_gbps": material / tw / 1e9,
+                "flower_material_gbps": material / tf / 1e9,
+                "aes_limit_gbps": aes_rate,
+                "fraction_of_aes": frac("wharf"),
+                "mask_only_fraction_of_aes": frac("wharf_mask_only"),
+                "prototype_2proc": proto if "seconds" in proto else None,
+                "timings": _timings(ts),
+            }
+        )
     return {"k": k, "streams": MASK_STREAMS, "rows": rows}
 
 
@@ -312,8 +347,7 @@ def section_server(cfg: Config) -> dict[str, Any]:
         _log(f"server N={nodes} n={cfg.server_values:.0e}: recording a real round")
         rec = wh.record_round(nodes, cfg.server_values)
         recordings[nodes] = rec
-        frnd = fl.server_round(cfg.server_values, rec.neighbours, rec.dropped,
-                               rec.params.threshold)
+        frnd = fl.server_round(cfg.server_values, rec.neighbours, rec.dropped, rec.params.threshold)
         wphases: dict[str, list[float]] = {}
         fphases: dict[str, list[float]] = {}
         results: list[Any] = []
@@ -323,21 +357,23 @@ def section_server(cfg: Config) -> dict[str, Any]:
         ]
         ts = measure(cases, cfg.repeats, cfg.warmup)
         skip = cfg.warmup
-        rows.append({
-            "nodes": nodes,
-            "values": cfg.server_values,
-            "degree": rec.params.degree,
-            "threshold": rec.params.threshold,
-            "dropped": len(rec.dropped),
-            "survivors": len(rec.survivors),
-            "correct": all(wh.server_is_exact(rec, r) for r in results),
-            "wharf_s": ts["wharf"].median,
-            "flower_s": ts["flower"].median,
-            "speedup_vs_flower": _ratio(ts["flower"].median, ts["wharf"].median),
-            "wharf_phases_s": {k: float(np.median(v[skip:])) for k, v in wphases.items()},
-            "flower_phases_s": {k: float(np.median(v[skip:])) for k, v in fphases.items()},
-            "timings": _timings(ts),
-        })
+        rows.append(
+            {
+                "nodes": nodes,
+                "values": cfg.server_values,
+                "degree": rec.params.degree,
+                "threshold": rec.params.threshold,
+                "dropped": len(rec.dropped),
+                "survivors": len(rec.survivors),
+                "correct": all(wh.server_is_exact(rec, r) for r in results),
+                "wharf_s": ts["wharf"].median,
+                "flower_s": ts["flower"].median,
+                "speedup_vs_flower": _ratio(ts["flower"].median, ts["wharf"].median),
+                "wharf_phases_s": {k: float(np.median(v[skip:])) for k, v in wphases.items()},
+                "flower_phases_s": {k: float(np.median(v[skip:])) for k, v in fphases.items()},
+                "timings": _timings(ts),
+            }
+        )
     return {"rows": rows, "_recordings": recordings}
 
 
@@ -354,33 +390,45 @@ def section_shamir(cfg: Config) -> dict[str, Any]:
         wshares = wh.shamir_split(secret, t, n)
         wsub = {x: wshares[x] for x in sorted(wshares)[:t]}
         fshares = fl.shamir_split(secret, t, n)
-        ok = (wh.shamir_reconstruct(wsub, t) == secret
-              and fl.shamir_reconstruct(fshares[:t]) == secret)
+        ok = (
+            wh.shamir_reconstruct(wsub, t) == secret
+            and fl.shamir_reconstruct(fshares[:t]) == secret
+        )
         split = measure(
-            [Case("wharf", call(wh.shamir_split, secret, t, n)),
-             Case("flower", call(fl.shamir_split, secret, t, n))],
-            cfg.repeats, cfg.warmup,
+            [
+                Case("wharf", call(wh.shamir_split, secret, t, n)),
+                Case("flower", call(fl.shamir_split, secret, t, n)),
+            ],
+            cfg.repeats,
+            cfg.warmup,
         )
         rec = measure(
-            [Case("wharf_cold", call(wh.shamir_reconstruct, wsub, t, cold=True)),
-             Case("flower", call(fl.shamir_reconstruct, fshares[:t])),
-             Case("wharf_cached", call(wh.shamir_reconstruct, wsub, t, cold=False))],
-            cfg.repeats, cfg.warmup,
+            [
+                Case("wharf_cold", call(wh.shamir_reconstruct, wsub, t, cold=True)),
+                Case("flower", call(fl.shamir_reconstruct, fshares[:t])),
+                Case("wharf_cached", call(wh.shamir_reconstruct, wsub, t, cold=False)),
+            ],
+            cfg.repeats,
+            cfg.warmup,
         )
-        kernel.append({
-            "holders": n,
-            "threshold": t,
-            "correct": ok,
-            "split_wharf_s": split["wharf"].median,
-            "split_flower_s": split["flower"].median,
-            "split_speedup": _ratio(split["flower"].median, split["wharf"].median),
-            "reconstruct_wharf_cold_s": rec["wharf_cold"].median,
-            "reconstruct_wharf_cached_s": rec["wharf_cached"].median,
-            "reconstruct_flower_s": rec["flower"].median,
-            "reconstruct_speedup_cold": _ratio(rec["flower"].median, rec["wharf_cold"].median),
-            "reconstruct_speedup_cached": _ratio(rec["flower"].median, rec["wharf_cached"].median),
-            "timings": {"split": _timings(split), "reconstruct": _timings(rec)},
-        })
+        kernel.append(
+            {
+                "holders": n,
+                "threshold": t,
+                "correct": ok,
+                "split_wharf_s": split["wharf"].median,
+                "split_flower_s": split["flower"].median,
+                "split_speedup": _ratio(split["flower"].median, split["wharf"].median),
+                "reconstruct_wharf_cold_s": rec["wharf_cold"].median,
+                "reconstruct_wharf_cached_s": rec["wharf_cached"].median,
+                "reconstruct_flower_s": rec["flower"].median,
+                "reconstruct_speedup_cold": _ratio(rec["flower"].median, rec["wharf_cold"].median),
+                "reconstruct_speedup_cached": _ratio(
+                    rec["flower"].median, rec["wharf_cached"].median
+                ),
+                "timings": {"split": _timings(split), "reconstruct": _timings(rec)},
+            }
+        )
     per_round = [_shamir_round(cfg, nodes) for nodes in cfg.round_nodes]
     return {"kernel": kernel, "round": per_round}
 
@@ -430,13 +478,19 @@ def _shamir_round(cfg: Config, nodes: int) -> dict[str, Any]:
         for _i in range(dropped):
             fl.shamir_reconstruct(fkey)
 
-    node_t = measure([Case("wharf", wharf_node), Case("flower", flower_node)],
-                     cfg.repeats, cfg.warmup)
-    srv_t = measure([Case("wharf", wharf_server), Case("flower", flower_server)],
-                    cfg.repeats, cfg.warmup)
+    node_t = measure(
+        [Case("wharf", wharf_node), Case("flower", flower_node)], cfg.repeats, cfg.warmup
+    )
+    srv_t = measure(
+        [Case("wharf", wharf_server), Case("flower", flower_server)], cfg.repeats, cfg.warmup
+    )
     return {
-        "nodes": nodes, "holders": holders, "threshold": t, "survivors": survivors,
-        "dropped": dropped, "flower_key_secret_bytes": len(pem),
+        "nodes": nodes,
+        "holders": holders,
+        "threshold": t,
+        "survivors": survivors,
+        "dropped": dropped,
+        "flower_key_secret_bytes": len(pem),
         "node_split_wharf_s": node_t["wharf"].median,
         "node_split_flower_s": node_t["flower"].median,
         "node_split_speedup": _ratio(node_t["flower"].median, node_t["wharf"].median),
@@ -457,21 +511,26 @@ def section_keys(cfg: Config) -> dict[str, Any]:
         _log(f"key agreement k={k}")
         wpeers, fpeers = wh.peer_keys(k), fl.peer_keys(k)
         ts = measure(
-            [Case("wharf", call(wh.key_agreement_round, wpeers)),
-             Case("flower", call(fl.key_agreement_round, fpeers))],
-            max(cfg.repeats, 5), cfg.warmup,
+            [
+                Case("wharf", call(wh.key_agreement_round, wpeers)),
+                Case("flower", call(fl.key_agreement_round, fpeers)),
+            ],
+            max(cfg.repeats, 5),
+            cfg.warmup,
         )
-        rows.append({
-            "k": k,
-            "wharf_s": ts["wharf"].median,
-            "flower_s": ts["flower"].median,
-            "speedup_vs_flower": _ratio(ts["flower"].median, ts["wharf"].median),
-            "wharf": "2 X25519 key pairs; per neighbour X25519+HKDF (AES-GCM key) and "
-                     "X25519+HKDF+HKDF (AES-CTR mask key); 1 HKDF self-mask key",
-            "flower": "2 SECP384R1 key pairs to PEM; per neighbour 2 x (PEM parse + ECDH + "
-                      "HKDF + base64), as secaggplus_mod does",
-            "timings": _timings(ts),
-        })
+        rows.append(
+            {
+                "k": k,
+                "wharf_s": ts["wharf"].median,
+                "flower_s": ts["flower"].median,
+                "speedup_vs_flower": _ratio(ts["flower"].median, ts["wharf"].median),
+                "wharf": "2 X25519 key pairs; per neighbour X25519+HKDF (AES-GCM key) and "
+                "X25519+HKDF+HKDF (AES-CTR mask key); 1 HKDF self-mask key",
+                "flower": "2 SECP384R1 key pairs to PEM; per neighbour 2 x (PEM parse + ECDH + "
+                "HKDF + base64), as secaggplus_mod does",
+                "timings": _timings(ts),
+            }
+        )
     return {"rows": rows}
 
 
@@ -498,9 +557,9 @@ def section_wire(cfg: Config, recordings: dict[int, wh.RecordedRound]) -> dict[s
         "flower_bytes_per_param": flower_bytes / params,
         "ratio_flower_over_wharf": _ratio(flower_bytes, wharf_bytes),
         "wharf_what": "serialized SecAggMaskedInput (header, uint32 vector inline incl. "
-                      "num_examples + 3 metric sums, SHA-256, ECDSA signature)",
+        "num_examples + 3 metric sums, SHA-256, ECDSA signature)",
         "flower_what": "serialized ConfigRecord{masked_params: [ndarray_to_bytes(int64)...]} "
-                       "as secaggplus_mod returns it",
+        "as secaggplus_mod returns it",
     }
 
 
@@ -511,39 +570,79 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 4's bar, each with the measured value and PASS / FAIL (or NOT RUN)."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, measured: float | None, bar: float, higher_is_better: bool,
-            unit: str, note: str = "") -> None:
+    def add(
+        name: str,
+        measured: float | None,
+        bar: float,
+        higher_is_better: bool,
+        unit: str,
+        note: str = "",
+    ) -> None:
         if measured is None or (isinstance(measured, float) and math.isnan(measured)):
             status = "NOT RUN"
         elif higher_is_better:
             status = "PASS" if measured >= bar else "FAIL"
         else:
             status = "PASS" if measured <= bar else "FAIL"
-        out.append({"target": name, "measured": measured, "bar": bar,
-                    "direction": ">=" if higher_is_better else "<=", "unit": unit,
-                    "status": status, "note": note})
+        out.append(
+            {
+                "target": name,
+                "measured": measured,
+                "bar": bar,
+                "direction": ">=" if higher_is_better else "<=",
+                "unit": unit,
+                "status": status,
+                "note": note,
+            }
+        )
 
     rows = {r["n"]: r for r in results.get("masking", {}).get("rows", [])}
     for n in (10**6, 10**7):
         r = rows.get(n)
-        add(f"client masking speed-up vs Flower at n={n:.0e}",
-            r["speedup_vs_flower"] if r else None, 5.0, True, "x")
+        add(
+            f"client masking speed-up vs Flower at n={n:.0e}",
+            r["speedup_vs_flower"] if r else None,
+            5.0,
+            True,
+            "x",
+        )
     big = [r for n, r in rows.items() if n >= 10**6]
     worst = min(big, key=lambda r: r["fraction_of_aes"]) if big else None
-    add("mask material rate / raw AES-128-CTR rate (worst of n >= 1e6)",
-        worst["fraction_of_aes"] if worst else None, 0.70, True, "fraction",
-        f"n={worst['n']:.0e}" if worst else "")
+    add(
+        "mask material rate / raw AES-128-CTR rate (worst of n >= 1e6)",
+        worst["fraction_of_aes"] if worst else None,
+        0.70,
+        True,
+        "fraction",
+        f"n={worst['n']:.0e}" if worst else "",
+    )
     sh = {r["holders"]: r for r in results.get("shamir", {}).get("kernel", [])}
     r100 = sh.get(100)
-    add("Shamir reconstruction speed-up vs Flower, n=100 (cold cache)",
-        r100["reconstruct_speedup_cold"] if r100 else None, 50.0, True, "x",
-        f"t={r100['threshold']}" if r100 else "")
+    add(
+        "Shamir reconstruction speed-up vs Flower, n=100 (cold cache)",
+        r100["reconstruct_speedup_cold"] if r100 else None,
+        50.0,
+        True,
+        "x",
+        f"t={r100['threshold']}" if r100 else "",
+    )
     wire = results.get("wire")
-    add("bytes per parameter on the wire (secure aggregation)",
-        wire["wharf_bytes_per_param"] if wire else None, 4.1, False, "B/param")
+    add(
+        "bytes per parameter on the wire (secure aggregation)",
+        wire["wharf_bytes_per_param"] if wire else None,
+        4.1,
+        False,
+        "B/param",
+    )
     e2e = results.get("e2e") or {}
-    add("secure round / plaintext round, protocol time only",
-        e2e.get("protocol_ratio"), 1.5, False, "x", e2e.get("status", "run with --e2e"))
+    add(
+        "secure round / plaintext round, protocol time only",
+        e2e.get("protocol_ratio"),
+        1.5,
+        False,
+        "x",
+        e2e.get("status", "run with --e2e"),
+    )
     return out
 
 
@@ -556,10 +655,17 @@ SECTIONS = ("limit", "masking", "server", "shamir", "keys", "wire", "e2e")
 def run(cfg: Config, out_dir: Path | None, write: bool = True) -> dict[str, Any]:
     """Run the selected sections and (if ``write``) write JSON, markdown and the plot."""
     wanted = cfg.sections or [s for s in SECTIONS if s != "e2e" or cfg.e2e]
-    results: dict[str, Any] = {"mode": cfg.mode, "machine": machine_info(),
-                               "config": {k: v for k, v in asdict(cfg).items()}}
+    results: dict[str, Any] = {
+        "mode": cfg.mode,
+        "machine": machine_info(),
+        "config": {k: v for k, v in asdict(cfg).items()},
+    }
     started = time.perf_counter()
     recordings: dict[int, wh.RecordedRound] = {}
+    if {"masking", "server", "wire"} & set(wanted):
+        # Started once, before any timing, as a node or coordinator keeps it for its life.
+        results["wharf_helper"] = wh.start_helper()
+        _log(f"masking helper process: {results['wharf_helper']}")
     if "limit" in wanted:
         _log("limit: raw AES-128-CTR and NumPy add")
         results["limit"] = section_limit(cfg)
@@ -577,6 +683,9 @@ def run(cfg: Config, out_dir: Path | None, write: bool = True) -> dict[str, Any]
         _log("wire bytes")
         results["wire"] = section_wire(cfg, recordings)
     recordings.clear()
+    if "wharf_helper" in results:
+        results["wharf_helper"].update(wh.helper_status())
+        wh.stop_helper()  # clean shutdown; the e2e federation runs its own processes
     if "e2e" in wanted:
         from .e2e import section_e2e
 
@@ -592,18 +701,32 @@ def run(cfg: Config, out_dir: Path | None, write: bool = True) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="smoke sizes, < 1 minute")
-    parser.add_argument("--e2e", action="store_true",
-                        help="also run one secure vs one plaintext round (10 node processes)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="output directory (default benchmarks/results)")
-    parser.add_argument("--only", default="",
-                        help=f"comma-separated subset of sections: {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also run one secure vs one plaintext round (10 node processes)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="output directory (default benchmarks/results)",
+    )
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated subset of sections: {','.join(SECTIONS)}"
+    )
     parser.add_argument("--repeats", type=int, default=0, help="override timed runs per figure")
-    parser.add_argument("--no-prototypes", action="store_true",
-                        help="skip the proposed two-process masking prototype")
+    parser.add_argument(
+        "--no-prototypes",
+        action="store_true",
+        help="skip the proposed two-process masking prototype",
+    )
     args = parser.parse_args(argv)
     cfg = Config.quick() if args.quick else Config.full()
     cfg.e2e = args.e2e
@@ -620,8 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in results["targets"]:
         measured = t["measured"]
         shown = "—" if measured is None else f"{measured:.3g}"
-        print(f"{t['status']:8} {t['target']}: {shown} {t['unit']} "
-              f"(bar {t['direction']} {t['bar']})")
+        print(
+            f"{t['status']:8} {t['target']}: {shown} {t['unit']} (bar {t['direction']} {t['bar']})"
+        )
     print(json.dumps({"elapsed_s": round(results["elapsed_s"], 1), "out": str(args.out)}))
     return 0
 

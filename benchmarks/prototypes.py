@@ -46,9 +46,17 @@ from wharf.algorithms.secagg.prg import KeyStream
 CHUNK_WORDS = 32768
 
 
-def mask_range(out: NDArray[np.uint32], lo: int, hi: int, add_keys: Sequence[bytes],
-               sub_keys: Sequence[bytes], layout: VectorLayout, update: NDArray[np.float32],
-               rounding_key: bytes, chunk: int = CHUNK_WORDS) -> None:
+def mask_range(
+    out: NDArray[np.uint32],
+    lo: int,
+    hi: int,
+    add_keys: Sequence[bytes],
+    sub_keys: Sequence[bytes],
+    layout: VectorLayout,
+    update: NDArray[np.float32],
+    rounding_key: bytes,
+    chunk: int = CHUNK_WORDS,
+) -> None:
     """Fused encode-and-mask of ``out[lo:hi]``, streams positioned at ``lo`` (public API only)."""
     adders = [KeyStream(k, 4 * lo) for k in add_keys]
     subbers = [KeyStream(k, 4 * lo) for k in sub_keys]
@@ -108,8 +116,9 @@ class TwoProcessMasker:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["numpy", "wharf.algorithms.secagg", "benchmarks.prototypes"])
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_helper_main, args=(child,), daemon=True,
-                                 name="wharf-mask-helper")
+        self._proc = ctx.Process(
+            target=_helper_main, args=(child,), daemon=True, name="wharf-mask-helper"
+        )
         self._proc.start()
         child.close()
         self._mm: mmap.mmap | None = None
@@ -132,9 +141,16 @@ class TwoProcessMasker:
             self._capacity = n
         return self._mm
 
-    def mask(self, update: NDArray[np.float32], add_keys: Sequence[bytes],
-             sub_keys: Sequence[bytes], rounding_key: bytes, clip: float, value_bits: int,
-             max_nodes: int) -> NDArray[np.uint32]:
+    def mask(
+        self,
+        update: NDArray[np.float32],
+        add_keys: Sequence[bytes],
+        sub_keys: Sequence[bytes],
+        rounding_key: bytes,
+        clip: float,
+        value_bits: int,
+        max_nodes: int,
+    ) -> NDArray[np.uint32]:
         """Masked encoding of ``update`` (a view into the shared buffer, valid until next call)."""
         n = int(update.size)
         mm = self._ensure(n)
@@ -142,10 +158,30 @@ class TwoProcessMasker:
         out = np.frombuffer(mm, dtype=np.uint32, count=n, offset=4 * n)
         mid = ((n // 2) // CHUNK_WORDS) * CHUNK_WORDS
         shared_in[mid:] = update.reshape(-1)[mid:]
-        self._conn.send(("mask", n, mid, n, list(add_keys), list(sub_keys), rounding_key, clip,
-                         value_bits, max_nodes))
-        mask_range(out, 0, mid, add_keys, sub_keys, _layout(n, clip, value_bits, max_nodes),
-                   update.reshape(-1), rounding_key)
+        self._conn.send(
+            (
+                "mask",
+                n,
+                mid,
+                n,
+                list(add_keys),
+                list(sub_keys),
+                rounding_key,
+                clip,
+                value_bits,
+                max_nodes,
+            )
+        )
+        mask_range(
+            out,
+            0,
+            mid,
+            add_keys,
+            sub_keys,
+            _layout(n, clip, value_bits, max_nodes),
+            update.reshape(-1),
+            rounding_key,
+        )
         self._conn.recv()
         return out
 
@@ -171,13 +207,25 @@ class TwoProcessMasker:
 def is_bit_identical(masker: TwoProcessMasker, update: NDArray[np.float32], setup: Any) -> bool:
     """The prototype's output equals Wharf's ``apply_masks`` bit for bit."""
     ref = np.empty(setup.layout.length, dtype=np.uint32)
-    apply_masks(ref, setup.add_keys, setup.sub_keys,
-                source=setup.layout.source({"update": update}, setup.rounding_key))
+    apply_masks(
+        ref,
+        setup.add_keys,
+        setup.sub_keys,
+        source=setup.layout.source({"update": update}, setup.rounding_key),
+    )
     return bool(np.array_equal(prototype_mask(masker, setup, update), ref))
 
 
-def prototype_mask(masker: TwoProcessMasker, setup: Any, update: NDArray[np.float32]
-                   ) -> NDArray[np.uint32]:
+def prototype_mask(
+    masker: TwoProcessMasker, setup: Any, update: NDArray[np.float32]
+) -> NDArray[np.uint32]:
     """The prototype on a :class:`benchmarks.wharf_paths.MaskingSetup`."""
-    return masker.mask(update, setup.add_keys, setup.sub_keys, setup.rounding_key,
-                       setup.params.clip, setup.params.value_bits, setup.layout.max_nodes)
+    return masker.mask(
+        update,
+        setup.add_keys,
+        setup.sub_keys,
+        setup.rounding_key,
+        setup.params.clip,
+        setup.params.value_bits,
+        setup.layout.max_nodes,
+    )

@@ -39,6 +39,7 @@ from wharf.algorithms.secagg import (
     Segment,
     VectorLayout,
     choose_params,
+    parallel,
 )
 from wharf.algorithms.secagg import shamir as wshamir
 from wharf.algorithms.secagg.keys import (
@@ -49,6 +50,7 @@ from wharf.algorithms.secagg.keys import (
     share_encryption_key,
 )
 from wharf.algorithms.secagg.mask import apply_masks, default_threads
+from wharf.algorithms.secagg.parallel import apply_masks_parallel
 from wharf.proto import secagg_pb2 as pb
 
 JOB_ID = "bench-job"
@@ -113,44 +115,103 @@ def masking_setup(num_values: int, k: int = 8) -> MaskingSetup:
             continue
         peer = RoundKeys.generate()
         key = pairwise_mask_key(
-            mine.mask_key, peer.mask_public, job_id=JOB_ID, round_number=ROUND, me=me,
+            mine.mask_key,
+            peer.mask_public,
+            job_id=JOB_ID,
+            round_number=ROUND,
+            me=me,
             peer=Party(j, f"node-{j:03d}"),
         )
         (add if me.index < j else sub).append(key)
     return MaskingSetup(layout, add, sub, os.urandom(16), params)
 
 
-def mask_update(setup: MaskingSetup, update: NDArray[np.float32], threads: int | None = None,
-                chunk_words: int | None = None) -> NDArray[np.uint32]:
-    """Quantise + self mask + pairwise masks, exactly as ``SecAggClient.masked_input`` does.
+def start_helper() -> dict[str, Any]:
+    """Start this process's masking helper (as a node or coordinator does on first use).
 
-    ``threads``/``chunk_words`` left at ``None`` mean the library's defaults
-    (what the node runs); they are set only to measure proposed defaults.
+    Started before any timing so no sample pays the process start; returns what
+    the report shows about it.
+    """
+    t0 = time.perf_counter()
+    running = parallel.start_helper(wait=True)
+    return {
+        "running": running,
+        "start_s": time.perf_counter() - t0,
+        "min_words": parallel.PARALLEL_MIN_WORDS,
+        "usable_cpus": parallel.usable_cpus(),
+    }
+
+
+def stop_helper() -> None:
+    """Stop this process's masking helper (it would also stop at interpreter exit)."""
+    parallel.shutdown_helper()
+
+
+def helper_status() -> dict[str, Any]:
+    """Calls served and the current split of this process's helper."""
+    h = parallel.default_helper()
+    return {"alive": h.alive, "calls": h.calls, "helper_share": round(h.share, 3)}
+
+
+def mask_update(
+    setup: MaskingSetup,
+    update: NDArray[np.float32],
+    threads: int | None = None,
+    chunk_words: int | None = None,
+) -> NDArray[np.uint32]:
+    """Quantise + self mask + pairwise masks.
+
+    With the defaults this is exactly what ``SecAggClient.masked_input`` runs:
+    ``apply_masks_parallel`` (this core plus the helper process for vectors of
+    at least ``PARALLEL_MIN_WORDS`` values, else the in-process kernel). Setting
+    ``threads`` or ``chunk_words`` measures the in-process kernel
+    (``apply_masks``) with those settings instead.
     """
     out = np.empty(setup.layout.length, dtype=np.uint32)
     source = setup.layout.source({"update": update}, setup.rounding_key)
-    if chunk_words is None:
+    if threads is None and chunk_words is None:
+        apply_masks_parallel(out, setup.add_keys, setup.sub_keys, source=source)
+    elif chunk_words is None:
         apply_masks(out, setup.add_keys, setup.sub_keys, source=source, threads=threads)
     else:
-        apply_masks(out, setup.add_keys, setup.sub_keys, source=source, threads=threads,
-                    chunk_words=chunk_words)
+        apply_masks(
+            out,
+            setup.add_keys,
+            setup.sub_keys,
+            source=source,
+            threads=threads,
+            chunk_words=chunk_words,
+        )
     return out
 
 
 def masking_is_exact(setup: MaskingSetup, update: NDArray[np.float32]) -> bool:
-    """Removing the masks again gives exactly the plain encoding of ``update``."""
+    """The production path's output is bit-identical to the one-thread in-process kernel, and
+    removing the masks again gives exactly the plain encoding of ``update``."""
     masked = mask_update(setup, update)
+    if not np.array_equal(masked, mask_update(setup, update, threads=1)):
+        return False
     apply_masks(masked, setup.sub_keys, setup.add_keys)
     return bool(np.array_equal(masked, setup.layout.encode({"update": update}, setup.rounding_key)))
 
 
-def threads_used(num_values: int) -> int:
-    return default_threads(num_values)
+def path_used(num_values: int) -> str:
+    """How the production path masks a vector of this size here (for the report)."""
+    h = parallel.default_helper()
+    if (num_values >= parallel.PARALLEL_MIN_WORDS and h.alive
+            and parallel.usable_cpus() >= 2):  # fmt: skip
+        return "2 processes"
+    threads = default_threads(num_values)
+    return f"{threads} thread{'s' if threads > 1 else ''}"
 
 
 def unmask_only(out: NDArray[np.uint32], setup: MaskingSetup, threads: int | None = None) -> None:
-    """The mask-and-add kernel without quantisation (what the coordinator runs to unmask)."""
-    apply_masks(out, setup.add_keys, setup.sub_keys, threads=threads)
+    """The mask-and-add kernel without quantisation, as the coordinator runs it to unmask
+    (``apply_masks_parallel``; an explicit ``threads`` measures the in-process kernel)."""
+    if threads is None:
+        apply_masks_parallel(out, setup.add_keys, setup.sub_keys)
+    else:
+        apply_masks(out, setup.add_keys, setup.sub_keys, threads=threads)
 
 
 # ------------------------------------------------------------------ shamir
@@ -200,10 +261,12 @@ def key_agreement_round(peers: PeerKeys) -> int:
     self_mask_key(keys.self_mask_seed, job_id=JOB_ID, round_number=ROUND, owner=me)
     for j, (enc_pk, mask_pk) in enumerate(peers.publics, 2):
         peer = Party(j, f"node-{j:03d}")
-        share_encryption_key(keys.encryption_key, enc_pk, job_id=JOB_ID, round_number=ROUND,
-                             me=me, peer=peer)
-        pairwise_mask_key(keys.mask_key, mask_pk, job_id=JOB_ID, round_number=ROUND,
-                          me=me, peer=peer)
+        share_encryption_key(
+            keys.encryption_key, enc_pk, job_id=JOB_ID, round_number=ROUND, me=me, peer=peer
+        )
+        pairwise_mask_key(
+            keys.mask_key, mask_pk, job_id=JOB_ID, round_number=ROUND, me=me, peer=peer
+        )
         made += 2
     return made
 
@@ -247,28 +310,38 @@ class RecordedRound:
 def layout_for(num_values: int, params: SecAggParams) -> VectorLayout:
     """The update plus the extras a real round carries inside the masked vector."""
     return VectorLayout.for_update(
-        num_values, params,
+        num_values,
+        params,
         [Segment.integer("num_examples", 1, 1 << 20), Segment.real("metrics", 3, 1e6, 20)],
     )
 
 
-def record_round(num_nodes: int, num_values: int, drop_fraction: float = 0.1,
-                 seed: int = 0) -> RecordedRound:
+def record_round(
+    num_nodes: int, num_values: int, drop_fraction: float = 0.1, seed: int = 0
+) -> RecordedRound:
     """Run one full round in process and keep every node message (see module docstring)."""
     params = choose_params(num_nodes, clip=CLIP)
     layout = layout_for(num_values, params)
     roster = [f"node-{i:03d}" for i in range(1, num_nodes + 1)]
     graph_seed = os.urandom(32)
     rng = np.random.default_rng(seed)  # benchmark data and drop choice, not secrets
-    server = SecAggServer(job_id=JOB_ID, round_number=ROUND, params=params, roster=roster,
-                          num_values=layout.length, verify=verify, graph_seed=graph_seed)
+    server = SecAggServer(
+        job_id=JOB_ID,
+        round_number=ROUND,
+        params=params,
+        roster=roster,
+        num_values=layout.length,
+        verify=verify,
+        graph_seed=graph_seed,
+    )
     n_drop = max(1, round(num_nodes * drop_fraction)) if drop_fraction > 0 else 0
     dropped = _choose_dropped(server, n_drop, rng)
     rec = RecordedRound(params, layout, roster, graph_seed, dropped)
     rec.neighbours = {i: sorted(server.graph.neighbours(i)) for i in range(1, num_nodes + 1)}
     clients = {
-        i: SecAggClient(node_id=name, job_id=JOB_ID, round_number=ROUND, sign=signer(name),
-                        verify=verify)
+        i: SecAggClient(
+            node_id=name, job_id=JOB_ID, round_number=ROUND, sign=signer(name), verify=verify
+        )
         for i, name in enumerate(roster, 1)
     }
     for i, m in server.setup_messages().items():
@@ -288,8 +361,11 @@ def record_round(num_nodes: int, num_values: int, drop_fraction: float = 0.1,
         if i in dropped:
             continue
         update = rng.uniform(-1.0, 1.0, num_values).astype(np.float32)
-        inputs = {"update": update, "num_examples": [int(rng.integers(1, 1000))],
-                  "metrics": rng.uniform(0, 100, 3)}
+        inputs = {
+            "update": update,
+            "num_examples": [int(rng.integers(1, 1000))],
+            "metrics": rng.uniform(0, 100, 3),
+        }
         rounding = os.urandom(16)
         raw = clients[i].masked_input(inputs, layout, rounding_key=rounding).SerializeToString()
         clients[i].masked_vector = None  # keep memory flat at N = 100
@@ -347,9 +423,15 @@ class ReplayState:
 
 def fresh_server(rec: RecordedRound) -> ReplayState:
     """A new coordinator for the recorded round, replayed up to the masked-input phase."""
-    server = SecAggServer(job_id=JOB_ID, round_number=ROUND, params=rec.params,
-                          roster=rec.roster, num_values=rec.layout.length, verify=verify,
-                          graph_seed=rec.graph_seed)
+    server = SecAggServer(
+        job_id=JOB_ID,
+        round_number=ROUND,
+        params=rec.params,
+        roster=rec.roster,
+        num_values=rec.layout.length,
+        verify=verify,
+        graph_seed=rec.graph_seed,
+    )
     server.setup_messages()
     for raw in rec.adverts:
         server.receive_advertisement(pb.SecAggAdvertiseKeys.FromString(raw))

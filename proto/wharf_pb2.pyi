@@ -14,11 +14,13 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATS: _ClassVar[TaskKind]
     TASK_SECAGG: _ClassVar[TaskKind]
     TASK_END_JOB: _ClassVar[TaskKind]
+    TASK_OFFER: _ClassVar[TaskKind]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_TRAIN: TaskKind
 TASK_STATS: TaskKind
 TASK_SECAGG: TaskKind
 TASK_END_JOB: TaskKind
+TASK_OFFER: TaskKind
 
 class BlobRef(_message.Message):
     __slots__ = ("sha256", "size")
@@ -53,7 +55,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "rows", "label", "features", "feature_shape", "schema_json", "schema_hash", "fingerprint", "format")
+    __slots__ = ("name", "rows", "label", "features", "feature_shape", "schema_json", "schema_hash", "fingerprint", "format", "certificate_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +65,7 @@ class DatasetInfo(_message.Message):
     SCHEMA_HASH_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     label: str
@@ -72,7 +75,8 @@ class DatasetInfo(_message.Message):
     schema_hash: str
     fingerprint: str
     format: str
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., label: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., schema_json: _Optional[str] = ..., schema_hash: _Optional[str] = ..., fingerprint: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+    certificate_json: str
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., label: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., schema_json: _Optional[str] = ..., schema_hash: _Optional[str] = ..., fingerprint: _Optional[str] = ..., format: _Optional[str] = ..., certificate_json: _Optional[str] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ("version", "datasets")
@@ -99,7 +103,7 @@ class TaskStreamRequest(_message.Message):
     def __init__(self, version: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "job_spec_json", "job_hash", "model", "bundle", "dataset", "secagg", "deadline_unix", "secure", "weight_scale", "secagg_kind")
+    __slots__ = ("task_id", "job_id", "round", "kind", "job_spec_json", "job_hash", "model", "bundle", "dataset", "secagg", "deadline_unix", "secure", "weight_scale", "secagg_kind", "requester", "ledger_seq", "ledger_head")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +118,9 @@ class Task(_message.Message):
     SECURE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SCALE_FIELD_NUMBER: _ClassVar[int]
     SECAGG_KIND_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_HEAD_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -128,10 +135,13 @@ class Task(_message.Message):
     secure: bool
     weight_scale: int
     secagg_kind: str
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_spec_json: _Optional[str] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., bundle: _Optional[_Union[BlobRef, _Mapping]] = ..., dataset: _Optional[str] = ..., secagg: _Optional[bytes] = ..., deadline_unix: _Optional[float] = ..., secure: _Optional[bool] = ..., weight_scale: _Optional[int] = ..., secagg_kind: _Optional[str] = ...) -> None: ...
+    requester: str
+    ledger_seq: int
+    ledger_head: str
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_spec_json: _Optional[str] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., bundle: _Optional[_Union[BlobRef, _Mapping]] = ..., dataset: _Optional[str] = ..., secagg: _Optional[bytes] = ..., deadline_unix: _Optional[float] = ..., secure: _Optional[bool] = ..., weight_scale: _Optional[int] = ..., secagg_kind: _Optional[str] = ..., requester: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., ledger_head: _Optional[str] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "ok", "error", "num_examples", "metrics", "blob", "secagg")
+    __slots__ = ("task_id", "job_id", "round", "kind", "ok", "error", "num_examples", "metrics", "blob", "secagg", "receipt_json")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +159,7 @@ class ResultHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BLOB_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_JSON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -159,7 +170,8 @@ class ResultHeader(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     blob: BlobRef
     secagg: bytes
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., blob: _Optional[_Union[BlobRef, _Mapping]] = ..., secagg: _Optional[bytes] = ...) -> None: ...
+    receipt_json: str
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., blob: _Optional[_Union[BlobRef, _Mapping]] = ..., secagg: _Optional[bytes] = ..., receipt_json: _Optional[str] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -170,14 +182,16 @@ class UploadChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UploadAck(_message.Message):
-    __slots__ = ("accepted", "message", "sha256")
+    __slots__ = ("accepted", "message", "sha256", "receipt_json")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_JSON_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     message: str
     sha256: str
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    receipt_json: str
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., sha256: _Optional[str] = ..., receipt_json: _Optional[str] = ...) -> None: ...
 
 class BlobRequest(_message.Message):
     __slots__ = ("sha256", "job_id")
@@ -186,6 +200,36 @@ class BlobRequest(_message.Message):
     sha256: str
     job_id: str
     def __init__(self, sha256: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("job_id", "job_hash", "outcome", "reason", "grant_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_HASH_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GRANT_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    job_hash: str
+    outcome: str
+    reason: str
+    grant_json: str
+    def __init__(self, job_id: _Optional[str] = ..., job_hash: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ..., grant_json: _Optional[str] = ...) -> None: ...
+
+class DecisionAck(_message.Message):
+    __slots__ = ("accepted", "message")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    message: str
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Attestation(_message.Message):
+    __slots__ = ("job_id", "attestation_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attestation_json: str
+    def __init__(self, job_id: _Optional[str] = ..., attestation_json: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("running_tasks",)
@@ -239,7 +283,7 @@ class RoundInfo(_message.Message):
     def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., nodes: _Optional[_Iterable[str]] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "owner", "state", "reason", "rounds_total", "rounds_completed", "job_hash", "model", "spec_json", "created", "updated", "rounds", "nodes")
+    __slots__ = ("job_id", "name", "owner", "state", "reason", "rounds_total", "rounds_completed", "job_hash", "model", "spec_json", "created", "updated", "rounds", "nodes", "grants")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +298,7 @@ class JobInfo(_message.Message):
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     owner: str
@@ -268,7 +313,8 @@ class JobInfo(_message.Message):
     updated: float
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
     nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., spec_json: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    grants: _containers.RepeatedCompositeFieldContainer[GrantInfo]
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., spec_json: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[GrantInfo, _Mapping]]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("state", "limit")
@@ -330,6 +376,50 @@ class NodeInfo(_message.Message):
     last_seen: float
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
     def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., last_seen: _Optional[float] = ..., datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
+
+class LedgerRequest(_message.Message):
+    __slots__ = ("job_id", "after_seq", "limit")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_seq: int
+    limit: int
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class LedgerEntry(_message.Message):
+    __slots__ = ("seq", "entry_json")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_JSON_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    entry_json: str
+    def __init__(self, seq: _Optional[int] = ..., entry_json: _Optional[str] = ...) -> None: ...
+
+class LedgerResponse(_message.Message):
+    __slots__ = ("entries", "head_seq", "head_hash", "signer_cert_pem")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[LedgerEntry]
+    head_seq: int
+    head_hash: str
+    signer_cert_pem: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[LedgerEntry, _Mapping]]] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., signer_cert_pem: _Optional[str] = ...) -> None: ...
+
+class GrantInfo(_message.Message):
+    __slots__ = ("node", "outcome", "reason", "grant_json", "updated")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GRANT_JSON_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    outcome: str
+    reason: str
+    grant_json: str
+    updated: float
+    def __init__(self, node: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ..., grant_json: _Optional[str] = ..., updated: _Optional[float] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

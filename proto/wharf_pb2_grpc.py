@@ -60,6 +60,16 @@ class NodeServiceStub:
                 request_serializer=wharf_dot_proto_dot_wharf__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=wharf_dot_proto_dot_wharf__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Decide = channel.unary_unary(
+                '/wharf.v1.NodeService/Decide',
+                request_serializer=wharf_dot_proto_dot_wharf__pb2.Decision.SerializeToString,
+                response_deserializer=wharf_dot_proto_dot_wharf__pb2.DecisionAck.FromString,
+                _registered_method=True)
+        self.Attest = channel.unary_unary(
+                '/wharf.v1.NodeService/Attest',
+                request_serializer=wharf_dot_proto_dot_wharf__pb2.Attestation.SerializeToString,
+                response_deserializer=wharf_dot_proto_dot_wharf__pb2.DecisionAck.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -97,6 +107,18 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decide(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +146,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=wharf_dot_proto_dot_wharf__pb2.HeartbeatRequest.FromString,
                     response_serializer=wharf_dot_proto_dot_wharf__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Decide': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decide,
+                    request_deserializer=wharf_dot_proto_dot_wharf__pb2.Decision.FromString,
+                    response_serializer=wharf_dot_proto_dot_wharf__pb2.DecisionAck.SerializeToString,
+            ),
+            'Attest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attest,
+                    request_deserializer=wharf_dot_proto_dot_wharf__pb2.Attestation.FromString,
+                    response_serializer=wharf_dot_proto_dot_wharf__pb2.DecisionAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +304,60 @@ class NodeService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Decide(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wharf.v1.NodeService/Decide',
+            wharf_dot_proto_dot_wharf__pb2.Decision.SerializeToString,
+            wharf_dot_proto_dot_wharf__pb2.DecisionAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wharf.v1.NodeService/Attest',
+            wharf_dot_proto_dot_wharf__pb2.Attestation.SerializeToString,
+            wharf_dot_proto_dot_wharf__pb2.DecisionAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class JobServiceStub:
     """The service model developers (and operators) use.
@@ -317,6 +403,11 @@ class JobServiceStub:
                 '/wharf.v1.JobService/ListNodes',
                 request_serializer=wharf_dot_proto_dot_wharf__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=wharf_dot_proto_dot_wharf__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.GetLedger = channel.unary_unary(
+                '/wharf.v1.JobService/GetLedger',
+                request_serializer=wharf_dot_proto_dot_wharf__pb2.LedgerRequest.SerializeToString,
+                response_deserializer=wharf_dot_proto_dot_wharf__pb2.LedgerResponse.FromString,
                 _registered_method=True)
 
 
@@ -366,6 +457,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLedger(self, request, context):
+        """The coordinator's audit ledger (operators: all; developers: their jobs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -403,6 +501,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=wharf_dot_proto_dot_wharf__pb2.ListNodesRequest.FromString,
                     response_serializer=wharf_dot_proto_dot_wharf__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'GetLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLedger,
+                    request_deserializer=wharf_dot_proto_dot_wharf__pb2.LedgerRequest.FromString,
+                    response_serializer=wharf_dot_proto_dot_wharf__pb2.LedgerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -595,6 +698,33 @@ class JobService:
             '/wharf.v1.JobService/ListNodes',
             wharf_dot_proto_dot_wharf__pb2.ListNodesRequest.SerializeToString,
             wharf_dot_proto_dot_wharf__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wharf.v1.JobService/GetLedger',
+            wharf_dot_proto_dot_wharf__pb2.LedgerRequest.SerializeToString,
+            wharf_dot_proto_dot_wharf__pb2.LedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,

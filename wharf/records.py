@@ -129,7 +129,10 @@ def body_hash(body: Mapping[str, Any]) -> str:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts!r} (out of range)"
 
 
 def _as_bytes(pem: bytes | str) -> bytes:
@@ -149,7 +152,10 @@ def certified_peer(cert_pem: bytes | str, ca_pem: bytes | str, at: float) -> Pee
         verified = _verify_static(_as_bytes(cert_pem), _as_bytes(ca_pem))
     except IdentityError as exc:
         raise RecordError(f"signer certificate is not from the CA: {exc}") from None
-    when = datetime.fromtimestamp(at, UTC)
+    try:
+        when = datetime.fromtimestamp(at, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise RecordError(f"time {at!r} is out of range") from None
     if when < verified.not_before:
         raise RecordError(
             f"signer certificate was not yet valid at {_iso(at)} "
@@ -375,7 +381,11 @@ class SignedRecord:
         cls = _KINDS.get(self.kind)
         if cls is None:
             raise RecordError(f"unknown record kind {self.kind!r}")
-        if body_hash(self.body) != self.record_hash:
+        try:
+            digest = body_hash(self.body)
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{self.kind} body cannot be hashed: {exc}") from None
+        if digest != self.record_hash:
             raise RecordError(
                 f"hash mismatch: the {self.kind} body does not hash to its record_hash "
                 "(the record was altered)"
@@ -441,7 +451,7 @@ class SignedRecord:
                 expect_name is None or peer.name == expect_name
             ):
                 return peers
-        who = " ".join(x for x in (expect_role or "party", repr(expect_name or "")) if x != "''")
+        who = (expect_role or "any party") + (f" {expect_name!r}" if expect_name else "")
         raise RecordError(f"{self.kind} has no countersignature by {who}")
 
     # -- serialisation ----------------------------------------------------------------

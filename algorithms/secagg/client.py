@@ -62,7 +62,7 @@ from .keys import (
     self_mask_key,
     share_encryption_key,
 )
-from .mask import apply_masks
+from .parallel import apply_masks_parallel
 from .params import SecAggParams
 from .wire import COORDINATOR, check_header, make_header, params_from_proto, roster_from_proto
 
@@ -468,7 +468,10 @@ class SecAggClient:
         vec = np.empty(self.num_values, dtype=np.uint32)
         try:
             source = layout.source(inputs, rounding_key)
-            apply_masks(vec, self._add_keys, self._sub_keys, source=source, threads=self.threads)
+            # Large vectors: this core and the helper process mask halves (bit-identical).
+            apply_masks_parallel(
+                vec, self._add_keys, self._sub_keys, source=source, threads=self.threads
+            )
         except ValueError as exc:
             raise self._abort(AbortReason.BAD_INPUT, str(exc)) from None
         raw = vec.astype("<u4", copy=False).data

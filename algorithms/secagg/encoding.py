@@ -13,10 +13,13 @@ Why this encoding:
 * **Stochastic rounding** (``floor(y + u)``, ``u`` uniform in ``[0, 1)``) is
   unbiased, so quantisation error averages out over nodes and rounds instead
   of accumulating. ``u`` comes from an AES-128-CTR keystream under a fresh
-  ``os.urandom`` key, one 32-bit word per value at the value's own offset
-  (so chunking and threading never change the result for a given key). The
-  rounding bits are secret: with a NumPy generator an observer of the model
-  could learn about the rounding noise.
+  ``os.urandom`` key, one 32-bit word ``r`` per value at the value's own
+  offset (so chunking, threading and the helper process never change the
+  result for a given key): ``u = int32(r) / 2**32 + 1/2``, which is
+  ``((r + 2**31) mod 2**32) / 2**32`` exactly — uniform on the grid
+  ``k / 2**32`` like ``r / 2**32``, but ``int32 -> float64`` converts faster
+  than ``uint32 -> float64``. The rounding bits are secret: with a NumPy
+  generator an observer of the model could learn about the rounding noise.
 * **Segments**: extra values (sample count, metric sums) travel inside the
   same masked vector so they are revealed only in aggregate. Each segment
   has its own scale: :meth:`Segment.integer` encodes integers *exactly*
@@ -47,7 +50,7 @@ INT32_MAX = 2**31 - 1
 DEFAULT_CHUNK_WORDS = 32768
 QUANTIZE_BLOCK = 32768
 """Values quantised per NumPy call (larger blocks measured faster: call overhead dominates)."""
-_U32_TO_UNIT = 2.0**-32
+_I32_TO_UNIT = 2.0**-32
 
 
 @dataclass(frozen=True)
@@ -296,7 +299,7 @@ class EncodingCursor:
         self._rbytes = bytearray(4 * words)
         self._rview = memoryview(self._rbytes)
         self._zeros = memoryview(bytes(4 * words))
-        self._rwords = np.frombuffer(self._rbytes, dtype="<u4")
+        self._rwords = np.frombuffer(self._rbytes, dtype="<i4")
         self._f = np.empty(QUANTIZE_BLOCK, dtype=np.float64)
         self._g = np.empty(QUANTIZE_BLOCK, dtype=np.float64)
 
@@ -310,46 +313,52 @@ class EncodingCursor:
         signed = out.view(np.int32)
         end = self._pos + m
         done = 0
-        while done < m:
-            if self._piece >= len(self._pieces):
-                raise ValueError("encoding past the end of the layout")
-            piece = self._pieces[self._piece]
-            lo = self._pos + done - piece.start
-            take = min(m - done, piece.data.size - lo)
-            dst = signed[done : done + take]
-            seg = piece.segment
-            src = piece.data[lo : lo + take]
-            if seg.exact:
-                np.copyto(dst, src, casting="unsafe")
-            else:
-                self._quantize(src, seg, dst, done)
-            done += take
-            if lo + take == piece.data.size:
-                self._piece += 1
+        # One errstate per call, not per piece or block: NaN must raise in the float->int
+        # cast (see _quantize); overflow to +-inf is clipped like any out-of-range value.
+        with np.errstate(invalid="raise", over="ignore"):
+            while done < m:
+                if self._piece >= len(self._pieces):
+                    raise ValueError("encoding past the end of the layout")
+                piece = self._pieces[self._piece]
+                lo = self._pos + done - piece.start
+                take = min(m - done, piece.data.size - lo)
+                dst = signed[done : done + take]
+                seg = piece.segment
+                src = piece.data[lo : lo + take]
+                if seg.exact:
+                    np.copyto(dst, src, casting="unsafe")
+                else:
+                    self._quantize(src, seg, dst, done)
+                done += take
+                if lo + take == piece.data.size:
+                    self._piece += 1
         self._pos = end
 
     def _quantize(
         self, src: NDArray[np.generic], seg: Segment, dst: NDArray[np.int32], roff: int
     ) -> None:
-        """``dst = floor(clip(src * scale) + u)``, ``u = r / 2**32`` from the rounding keystream."""
+        """``dst = floor(clip(src * scale) + u)``, ``u = int32(r) / 2**32 + 1/2`` (see module doc).
+
+        Runs inside :meth:`fill`'s ``np.errstate(invalid="raise")``.
+        """
         bound = float(seg.bound)
         scale = seg.scale
         mul, add, clip, floor, copyto = np.multiply, np.add, np.clip, np.floor, np.copyto
         try:
             # NaN survives clip and trips the float->int cast; +-inf clip like any
             # out-of-range value. No separate finiteness pass is needed.
-            with np.errstate(invalid="raise", over="ignore"):
-                for lo in range(0, src.shape[0], QUANTIZE_BLOCK):
-                    hi = min(lo + QUANTIZE_BLOCK, src.shape[0])
-                    f = self._f[: hi - lo]
-                    g = self._g[: hi - lo]
-                    # dtype: a float32 input times a Python float would multiply in
-                    # float32 (NEP 50) and lose the fraction stochastic rounding needs.
-                    mul(src[lo:hi], scale, out=f, dtype=np.float64)
-                    clip(f, -bound, bound, out=f)
-                    mul(self._rwords[roff + lo : roff + hi], _U32_TO_UNIT, out=g)
-                    add(f, g, out=f)
-                    floor(f, out=f)  # floor(y + u) in [-bound, bound]: stochastic rounding
-                    copyto(dst[lo:hi], f, casting="unsafe")
+            for lo in range(0, src.shape[0], QUANTIZE_BLOCK):
+                hi = min(lo + QUANTIZE_BLOCK, src.shape[0])
+                f = self._f[: hi - lo]
+                g = self._g[: hi - lo]
+                mul(self._rwords[roff + lo : roff + hi], _I32_TO_UNIT, out=g)
+                add(g, 0.5, out=g)  # exact: u in [0, 1) on the 2**-32 grid
+                # dtype: a float32 input times a Python float would multiply in
+                # float32 (NEP 50) and lose the fraction stochastic rounding needs.
+                mul(src[lo:hi], scale, out=f, dtype=np.float64)
+                clip(f, -bound, bound, out=f)
+                add(f, g, out=f)
+                floor(f, out=f)  # floor(y + u) in [-bound, bound]: stochastic rounding
+                copyto(dst[lo:hi], f, casting="unsafe")
         except FloatingPointError:
             raise ValueError(f"segment {seg.name!r} contains NaN") from None

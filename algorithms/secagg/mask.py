@@ -91,15 +91,24 @@ def _split(num_words: int, parts: int, chunk_words: int) -> list[tuple[int, int]
     return bounds
 
 
-def _mask_range(
+def mask_range(
     out: NDArray[np.uint32],
     lo: int,
     hi: int,
     add_keys: Sequence[bytes],
     sub_keys: Sequence[bytes],
-    source: ChunkSource | None,
-    chunk_words: int,
+    source: ChunkSource | None = None,
+    chunk_words: int = DEFAULT_CHUNK_WORDS,
+    *,
+    offset: int = 0,
 ) -> None:
+    """Mask values ``[lo, hi)`` of the vector, one thread, no argument checks (the building block).
+
+    ``out[i]`` holds value ``offset + i``: a caller that owns only a slice of
+    the vector (a thread, or the helper process of :mod:`.parallel` working in
+    shared memory) passes that slice and its first index. ``lo`` is a multiple
+    of 4 (one AES block): every keystream and the encoding cursor start there.
+    """
     adders = [KeyStream(k, 4 * lo) for k in add_keys]
     subbers = [KeyStream(k, 4 * lo) for k in sub_keys]
     writer = source.cursor(lo) if source is not None else None
@@ -111,7 +120,7 @@ def _mask_range(
     for start in range(lo, hi, chunk_words):
         stop = min(start + chunk_words, hi)
         m = stop - start
-        chunk = out[start:stop]
+        chunk = out[start - offset : stop - offset]
         if writer is not None:
             writer.fill(chunk)
         z = zeros[: 4 * m] if m != chunk_words else zeros
@@ -122,6 +131,19 @@ def _mask_range(
         for stream in subbers:
             stream.fill(z, raw_view)
             sub(chunk, w, out=chunk)
+
+
+def check_mask_arguments(
+    out: NDArray[np.uint32], add_keys: Sequence[bytes], sub_keys: Sequence[bytes]
+) -> None:
+    """Refuse what :func:`apply_masks` refuses (shared with :mod:`.parallel`)."""
+    if out.dtype != np.uint32 or out.ndim != 1 or not out.flags.c_contiguous:
+        raise ValueError("out must be a contiguous 1-D uint32 array")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    for key in (*add_keys, *sub_keys):
+        if len(key) != PRG_KEY_BYTES:
+            raise ValueError("mask keys are 16-byte AES-128 keys")
 
 
 def apply_masks(
@@ -145,13 +167,7 @@ def apply_masks(
     :data:`DEFAULT_CHUNK_WORDS` (one thread) or :data:`THREADED_CHUNK_WORDS`.
     The result does not depend on either.
     """
-    if out.dtype != np.uint32 or out.ndim != 1 or not out.flags.c_contiguous:
-        raise ValueError("out must be a contiguous 1-D uint32 array")
-    if not out.flags.writeable:
-        raise ValueError("out must be writeable")
-    for key in (*add_keys, *sub_keys):
-        if len(key) != PRG_KEY_BYTES:
-            raise ValueError("mask keys are 16-byte AES-128 keys")
+    check_mask_arguments(out, add_keys, sub_keys)
     n = out.shape[0]
     nthreads = default_threads(n) if threads is None else max(1, threads)
     if chunk_words is None:
@@ -162,15 +178,15 @@ def apply_masks(
         return out
     ranges = _split(n, nthreads, chunk_words)
     if len(ranges) == 1:
-        _mask_range(out, 0, n, add_keys, sub_keys, source, chunk_words)
+        mask_range(out, 0, n, add_keys, sub_keys, source, chunk_words)
         return out
     pool = _executor()
     futures = [
-        pool.submit(_mask_range, out, lo, hi, add_keys, sub_keys, source, chunk_words)
+        pool.submit(mask_range, out, lo, hi, add_keys, sub_keys, source, chunk_words)
         for lo, hi in ranges[1:]
     ]
     lo, hi = ranges[0]
-    _mask_range(out, lo, hi, add_keys, sub_keys, source, chunk_words)  # this thread works too
+    mask_range(out, lo, hi, add_keys, sub_keys, source, chunk_words)  # this thread works too
     for fut in futures:
         fut.result()
     return out

@@ -72,7 +72,8 @@ from .keys import (
     pairwise_mask_key,
     self_mask_key,
 )
-from .mask import apply_masks, sum_into
+from .mask import sum_into
+from .parallel import apply_masks_parallel
 from .params import SecAggParams
 from .wire import COORDINATOR, check_header, make_header, params_to_proto, roster_to_proto
 
@@ -574,7 +575,7 @@ class SecAggServer:
                 # Survivor j added +PRG if j < d and -PRG if j > d: undo it.
                 (sub_keys if j < d else add_keys).append(key)
         total = self._sum
-        apply_masks(total, add_keys, sub_keys, threads=self.threads)
+        apply_masks_parallel(total, add_keys, sub_keys, threads=self.threads)  # helper if large
         self._sum = np.zeros(0, dtype=np.uint32)
         self.state = ServerState.DONE
         return AggregateResult(

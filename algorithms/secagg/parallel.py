@@ -1,0 +1,694 @@
+"""Masking on two cores: the fused kernel split with one persistent helper process.
+
+Why a process and not a thread: OpenSSL releases the GIL inside
+``update_into``, but the fused kernel (:mod:`.mask`) makes some twenty short
+calls per chunk — encoding ufuncs, one keystream and one add per key — and a
+second *thread* must retake the GIL for every one of them, so two threads
+gain little (the benchmark suite measured it). A second *process* has its own
+interpreter and shares no GIL: quantise + self mask + 8 pairwise masks then
+runs at the rate of the AES keystream, not below it.
+
+How it works:
+
+* **One helper per Python process**, started with the ``spawn`` start method
+  (a fresh interpreter: it inherits none of the parent's memory — other
+  rounds' keys, gRPC threads — and starting it is safe from a process that
+  already runs threads), the first time a large vector is masked, and reused
+  for the life of the process (:func:`default_helper`). It exits when the
+  parent closes the pipe (:meth:`MaskHelper.close`, at interpreter exit, or
+  when the parent dies).
+* **Data in shared memory** (:mod:`multiprocessing.shared_memory`): one
+  segment holds the helper's part of the output and of the input. Its name is
+  unlinked as soon as the helper has mapped it and *before* anything is
+  written, so the clear update never has a name in ``/dev/shm`` or on disk;
+  only the two processes map it. The helper zeroes the input part after every
+  call.
+* **Control over a pipe**: per call the parent sends the mask keys, the
+  rounding key, the range ``[mid, n)`` and where each input slice lies in the
+  segment (offset, dtype, scale, bound) as fixed binary records
+  (:mod:`struct`); the helper answers with a status byte and its compute time.
+  No object serialisation is used by this protocol in either direction.
+  **Secrets (the 16-byte mask and rounding keys) cross only this pipe, to our
+  own child process**, and are never written anywhere else.
+* **The split**: the parent masks ``[0, mid)`` in place while the helper masks
+  ``[mid, n)``; ``mid`` follows the measured speed of each side (so a busy
+  core gets less), on a 4096-value grid.
+* **Bit-identical** to :func:`.mask.apply_masks`: AES-CTR has random access
+  (the keystream at word ``w`` starts at counter block ``w // 4``) and the
+  encoding draws one rounding word per value at the value's own offset, so
+  neither the split point nor the chunking changes a single bit
+  (``tests/test_secagg_parallel.py``).
+* **Fallback**: vectors below :data:`PARALLEL_MIN_WORDS`, a machine with one
+  usable CPU, an explicit ``threads=`` request, ``WHARF_SECAGG_HELPER=0``, a
+  helper that is still starting, busy with another call, or failed to start —
+  all run the in-process kernel. A helper that dies or misbehaves during a
+  call is discarded and its range is masked in process, so a call never fails
+  because of the helper.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import multiprocessing as mp
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .encoding import EncodingCursor, EncodingSource, Segment, _Piece
+from .mask import (
+    DEFAULT_CHUNK_WORDS,
+    ChunkSource,
+    apply_masks,
+    check_mask_arguments,
+    mask_range,
+)
+from .prg import PRG_KEY_BYTES
+
+PARALLEL_MIN_WORDS = 1 << 18
+"""Below about a quarter of a million values the pipe round trip and the copies
+cost more than the second core saves (measured: benchmarks/results)."""
+
+SPLIT_ALIGN = 4096
+"""The split point is a multiple of this many values (a multiple of 4: one AES block)."""
+
+START_TIMEOUT_S = 60.0
+"""How long a starting helper may take to say it is ready."""
+
+REPLY_TIMEOUT_S = 120.0
+"""How long the parent waits for the helper's answer before discarding it."""
+
+ENV_SWITCH = "WHARF_SECAGG_HELPER"
+"""Set to ``0`` to never start a helper process (in-process kernel only)."""
+
+_log = logging.getLogger(__name__)
+
+# Parent -> helper: b"A" + segment name (map it) | b"J" + job | b"Q" (exit).
+# Helper -> parent: b"R" (ready) | b"A" (mapped) | b"D" + seconds (done) |
+#                   b"E" + message (the input was refused: ValueError) |
+#                   b"X" + message (helper fault) | b"C" (input zeroed, idle).
+_JOB = struct.Struct("<QQQIHH?16sI")
+"""lo, hi, input-region end, chunk words, #add keys, #sub keys, has source, rounding key,
+#pieces."""
+_PIECE = struct.Struct("<QQQdq?cH")
+"""start, count, segment offset, scale, bound, exact, dtype code, name length (then name)."""
+_DONE = struct.Struct("<d")
+_DTYPES: dict[bytes, np.dtype[Any]] = {
+    b"f": np.dtype(np.float32),
+    b"d": np.dtype(np.float64),
+    b"q": np.dtype(np.int64),
+}
+_CODES: dict[np.dtype[Any], bytes] = {dt: code for code, dt in _DTYPES.items()}
+_ALIGN_BYTES = 64
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _aligned(x: int) -> int:
+    return -(-x // _ALIGN_BYTES) * _ALIGN_BYTES
+
+
+def _buffer(shm: SharedMemory) -> memoryview:
+    buf = shm.buf
+    if buf is None:  # closed
+        raise RuntimeError("shared segment is closed")
+    return buf
+
+
+# ------------------------------------------------------------------ the helper
+
+
+class _ShippedSource:
+    """The helper's view of an :class:`EncodingSource`: the pieces of its range only.
+
+    :class:`EncodingCursor` reads nothing but ``pieces`` and ``rounding_key``.
+    """
+
+    def __init__(self, pieces: tuple[_Piece, ...], rounding_key: bytes) -> None:
+        self.pieces = pieces
+        self.rounding_key = rounding_key
+
+    def cursor(self, start: int) -> EncodingCursor:
+        return EncodingCursor(cast(EncodingSource, self), start)
+
+
+def _input_region(msg: bytes, size: int) -> tuple[int, int]:
+    """Byte range of the clear input a job put in the segment (to zero after the job)."""
+    lo, hi, in_end = struct.unpack_from("<QQQ", msg, 1)
+    start = _aligned(4 * max(hi - lo, 0))
+    return min(start, size), min(in_end, size)
+
+
+def _run_job(buf: memoryview, msg: bytes) -> float:
+    """Mask the helper's range as described by ``msg``; returns the compute seconds."""
+    lo, hi, in_end, chunk_words, n_add, n_sub, has_source, rkey, n_pieces = _JOB.unpack_from(msg, 1)
+    pos = 1 + _JOB.size
+    n_keys = n_add + n_sub
+    keys = [msg[pos + PRG_KEY_BYTES * i : pos + PRG_KEY_BYTES * (i + 1)] for i in range(n_keys)]
+    pos += PRG_KEY_BYTES * n_keys
+    m = hi - lo
+    in_start = _aligned(4 * m)
+    if lo % 4 or hi < lo or 4 * m > len(buf) or in_end > len(buf) or chunk_words % 4:
+        raise RuntimeError("malformed job")
+    pieces: list[_Piece] = []
+    for _ in range(n_pieces):
+        start, count, off, scale, bound, exact, code, name_len = _PIECE.unpack_from(msg, pos)
+        pos += _PIECE.size
+        name = msg[pos : pos + name_len].decode("utf-8")
+        pos += name_len
+        dtype = _DTYPES[code]
+        if off < in_start or off + count * dtype.itemsize > in_end:
+            raise RuntimeError("piece outside the input region")
+        view = np.frombuffer(buf, dtype=dtype, count=count, offset=off)
+        pieces.append(_Piece(start, view, Segment(name, count, scale, bound, exact)))
+    source = _ShippedSource(tuple(pieces), rkey) if has_source else None
+    out = np.frombuffer(buf, dtype=np.uint32, count=m)
+    t0 = time.perf_counter()
+    mask_range(out, lo, hi, keys[:n_add], keys[n_add:], source, chunk_words, offset=lo)
+    return time.perf_counter() - t0
+
+
+def _helper_main(conn: Connection) -> None:
+    """The helper process: map the segment it is sent, mask the ranges it is asked to."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    shm: SharedMemory | None = None
+    conn.send_bytes(b"R")
+    try:
+        while True:
+            try:
+                msg = conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+            kind = msg[:1]
+            if kind == b"Q":
+                break
+            if kind == b"A":
+                new = SharedMemory(name=msg[1:].decode("ascii"))
+                if shm is not None:
+                    shm.close()
+                shm = new
+                conn.send_bytes(b"A")
+                continue
+            if kind != b"J" or shm is None or len(msg) < 1 + _JOB.size:
+                conn.send_bytes(b"Xunexpected message")
+                continue
+            in_start, in_end = _input_region(msg, shm.size)
+            try:
+                seconds = _run_job(_buffer(shm), msg)
+                reply = b"D" + _DONE.pack(seconds)
+            except ValueError as exc:  # refused input (NaN): the parent raises it
+                reply = b"E" + str(exc).encode("utf-8")
+            except Exception as exc:
+                reply = b"X" + f"{type(exc).__name__}: {exc}".encode()[:500]
+            conn.send_bytes(reply)
+            if in_end > in_start:  # the clear input must not linger
+                np.frombuffer(_buffer(shm), np.uint8, in_end - in_start, in_start).fill(0)
+            conn.send_bytes(b"C")
+    finally:
+        if shm is not None:
+            shm.close()
+        conn.close()
+
+
+# ------------------------------------------------------------------ the parent
+
+
+@dataclass
+class _Planned:
+    """One input slice to copy into the segment for the helper."""
+
+    src: NDArray[Any]
+    start: int
+    offset: int
+    dtype: np.dtype[Any]
+    segment: Segment
+
+
+class HelperFailed(RuntimeError):
+    """The helper process did not answer as it should (it is discarded)."""
+
+
+class MaskHelper:
+    """A persistent helper process that masks part of each large vector (see module doc).
+
+    Use :func:`default_helper` (one per process, started on demand) rather than
+    creating one per call: starting a process costs about half a second.
+    Thread-safe: one call at a time uses the helper; a concurrent call is told
+    to run in process (:meth:`apply` returns ``False``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._shm: SharedMemory | None = None
+        self._pid = 0
+        self._failed = False
+        self._closed = False
+        self._starting = False
+        self._dirty = False  # a job's "input zeroed" answer is still to be read
+        self.share = 0.5
+        """Fraction of each vector given to the helper (adapts to measured speeds)."""
+        self.calls = 0
+        """Vectors masked with the helper's help (for tests and benchmarks)."""
+        self.last_timings: dict[str, float] = {}
+        """Where the last call's time went (seconds): staging the helper's input and the job,
+        the parent's own part, waiting for the helper, copying its output back."""
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def alive(self) -> bool:
+        """Started in this process, not failed, not closed."""
+        return (
+            self._conn is not None
+            and not self._failed
+            and not self._closed
+            and self._pid == os.getpid()
+        )
+
+    def start(self) -> bool:
+        """Start the helper process and wait until it is ready; ``True`` if it runs."""
+        with self._lock:
+            try:
+                return self._start_locked()
+            finally:
+                self._starting = False
+
+    def start_in_background(self) -> None:
+        """Start the helper on a daemon thread (callers meanwhile mask in process)."""
+        with self._lock:
+            if self._starting or self._conn is not None or self._failed or self._closed:
+                return
+            self._starting = True
+        threading.Thread(target=self.start, name="secagg-helper-start", daemon=True).start()
+
+    def _start_locked(self) -> bool:
+        if self.alive:
+            return True
+        if self._failed or self._closed:
+            return False
+        proc = None
+        try:
+            ctx = mp.get_context("spawn")
+            parent, child = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=_helper_main, args=(child,), name="wharf-secagg-helper", daemon=True
+            )
+            proc.start()
+            child.close()
+            if not parent.poll(START_TIMEOUT_S) or parent.recv_bytes() != b"R":
+                raise HelperFailed("the helper did not report ready")
+        except Exception as exc:
+            _log.warning(
+                "secure-aggregation helper process unavailable (%s); masking in process", exc
+            )
+            self._failed = True
+            if proc is not None and proc.is_alive():
+                proc.kill()
+            return False
+        self._proc, self._conn, self._pid = proc, parent, os.getpid()
+        return True
+
+    def close(self) -> None:
+        """Stop the helper (idempotent). Later calls mask in process."""
+        got = self._lock.acquire(timeout=10)
+        try:
+            self._closed = True
+            self._shutdown(graceful=True)
+        finally:
+            if got:
+                self._lock.release()
+
+    def _shutdown(self, *, graceful: bool) -> None:
+        conn, proc, shm = self._conn, self._proc, self._shm
+        self._conn = self._proc = self._shm = None
+        self._dirty = False
+        if conn is not None and self._pid == os.getpid():
+            if graceful:
+                try:
+                    conn.send_bytes(b"Q")
+                except OSError:
+                    pass
+            conn.close()
+        if proc is not None and self._pid == os.getpid():
+            proc.join(timeout=5 if graceful else 0.5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        if shm is not None:
+            try:
+                shm.close()
+            except BufferError:  # a view is still referenced somewhere; the OS frees it at exit
+                pass
+
+    def _fail(self, why: str) -> None:
+        _log.warning("secure-aggregation helper process discarded (%s); masking in process", why)
+        self._failed = True
+        self._shutdown(graceful=False)
+
+    def __enter__(self) -> MaskHelper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- pipe
+
+    def _recv(self, timeout: float) -> bytes:
+        conn = self._conn
+        assert conn is not None
+        try:
+            if not conn.poll(timeout):
+                raise HelperFailed(f"no answer within {timeout:.0f} s")
+            return conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            raise HelperFailed(f"pipe closed: {exc!r}") from None
+
+    def _await_idle(self) -> None:
+        """Read the previous job's "input zeroed" answer before writing new input."""
+        if self._dirty:
+            if self._recv(REPLY_TIMEOUT_S) != b"C":
+                raise HelperFailed("unexpected answer while waiting for the helper to finish")
+            self._dirty = False
+
+    def _ensure_capacity(self, size: int) -> SharedMemory:
+        shm = self._shm
+        if shm is not None and shm.size >= size:
+            return shm
+        grown = max(size, int(1.5 * shm.size) if shm is not None else 0)
+        grown = -(-grown // (1 << 20)) * (1 << 20)
+        new = SharedMemory(create=True, size=grown)
+        try:
+            assert self._conn is not None
+            self._conn.send_bytes(b"A" + new.name.encode("ascii"))
+            if self._recv(START_TIMEOUT_S) != b"A":
+                raise HelperFailed("the helper did not map the shared segment")
+        finally:
+            new.unlink()  # nameless from here on: nothing is written to it before this
+        if shm is not None:
+            try:
+                shm.close()
+            except BufferError:
+                pass
+        self._shm = new
+        return new
+
+    # ------------------------------------------------------------------ work
+
+    def _split(self, n: int) -> int:
+        """First value of the helper's range: a multiple of SPLIT_ALIGN in (0, n)."""
+        mid = round(n * (1.0 - self.share) / SPLIT_ALIGN) * SPLIT_ALIGN
+        return min(max(mid, SPLIT_ALIGN), (n - 1) // SPLIT_ALIGN * SPLIT_ALIGN)
+
+    def _plan(self, source: EncodingSource, mid: int, n: int) -> tuple[list[_Planned], int]:
+        """Input slices of ``[mid, n)`` and their places in the segment (after the output)."""
+        offset = _aligned(4 * (n - mid))
+        plan = []
+        for piece in source.pieces:
+            a, b = max(piece.start, mid), min(piece.start + piece.data.size, n)
+            if a >= b:
+                continue
+            src = piece.data[a - piece.start : b - piece.start]
+            dtype = src.dtype
+            if piece.segment.exact:
+                dtype = np.dtype(np.int64)  # exact pieces are int64 already (EncodingSource)
+            elif dtype not in _CODES:
+                # float16, longdouble, non-native byte order: the kernel computes in
+                # float64 anyway, so converting here changes no bit of the result.
+                dtype = np.dtype(np.float64)
+            plan.append(_Planned(src, a, offset, dtype, piece.segment))
+            offset = _aligned(offset + (b - a) * dtype.itemsize)
+        return plan, offset
+
+    def apply(
+        self,
+        out: NDArray[np.uint32],
+        add_keys: Sequence[bytes] = (),
+        sub_keys: Sequence[bytes] = (),
+        *,
+        source: ChunkSource | None = None,
+        chunk_words: int = DEFAULT_CHUNK_WORDS,
+    ) -> bool:
+        """Like :func:`.mask.apply_masks`, with the helper masking part of ``out``.
+
+        Returns ``False`` without touching ``out`` when the helper cannot take
+        the call (not running, busy, vector too short to split, or a source
+        that is not an :class:`EncodingSource`); the caller then runs the
+        in-process kernel. Arguments are assumed checked
+        (:func:`.mask.check_mask_arguments`). Raises ``ValueError`` exactly
+        when the in-process kernel would (e.g. NaN in a real segment).
+        """
+        n = out.shape[0]
+        if source is not None and not isinstance(source, EncodingSource):
+            return False
+        enc: EncodingSource | None = source
+        if n < 2 * SPLIT_ALIGN:
+            return False
+        if chunk_words <= 0 or chunk_words % 4:
+            raise ValueError("chunk_words must be a positive multiple of 4")
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if not self.alive:
+                return False
+            try:
+                self._await_idle()
+                mid = self._split(n)
+                plan, in_end = self._plan(enc, mid, n) if enc is not None else ([], 0)
+                shm = self._ensure_capacity(max(in_end, 4 * (n - mid)))
+            except (HelperFailed, OSError) as exc:
+                self._fail(str(exc))
+                return False
+            self._run(shm, out, mid, add_keys, sub_keys, enc, chunk_words, plan, in_end)
+            self.calls += 1
+            return True
+        finally:
+            self._lock.release()
+
+    def _job(
+        self,
+        mid: int,
+        n: int,
+        in_end: int,
+        chunk_words: int,
+        add_keys: Sequence[bytes],
+        sub_keys: Sequence[bytes],
+        source: EncodingSource | None,
+        plan: list[_Planned],
+    ) -> bytes:
+        rkey = source.rounding_key if source is not None else bytes(PRG_KEY_BYTES)
+        job = bytearray(b"J")
+        job += _JOB.pack(
+            mid,
+            n,
+            in_end,
+            chunk_words,
+            len(add_keys),
+            len(sub_keys),
+            source is not None,
+            rkey,
+            len(plan),
+        )
+        for key in (*add_keys, *sub_keys):
+            job += key
+        for p in plan:
+            name = p.segment.name.encode("utf-8")
+            job += _PIECE.pack(
+                p.start,
+                p.src.size,
+                p.offset,
+                p.segment.scale,
+                p.segment.bound,
+                p.segment.exact,
+                _CODES[p.dtype],
+                len(name),
+            )
+            job += name
+        return bytes(job)
+
+    def _run(
+        self,
+        shm: SharedMemory,
+        out: NDArray[np.uint32],
+        mid: int,
+        add_keys: Sequence[bytes],
+        sub_keys: Sequence[bytes],
+        source: EncodingSource | None,
+        chunk_words: int,
+        plan: list[_Planned],
+        in_end: int,
+    ) -> None:
+        n = out.shape[0]
+        m = n - mid
+        buf = _buffer(shm)
+        shared = np.frombuffer(buf, dtype=np.uint32, count=m)
+        t_stage = time.perf_counter()
+        try:
+            try:
+                if source is None:
+                    shared[:] = out[mid:]
+                for p in plan:
+                    view = np.frombuffer(buf, dtype=p.dtype, count=p.src.size, offset=p.offset)
+                    np.copyto(view, p.src, casting="unsafe")
+                    del view
+                job = self._job(mid, n, in_end, chunk_words, add_keys, sub_keys, source, plan)
+                assert self._conn is not None
+                self._conn.send_bytes(job)
+            except BaseException as exc:
+                start = _aligned(4 * m)
+                if in_end > start:  # the clear input must not linger
+                    np.frombuffer(buf, np.uint8, in_end - start, start).fill(0)
+                if not isinstance(exc, OSError):
+                    raise
+                self._fail(f"pipe: {exc!r}")
+                mask_range(out, 0, n, add_keys, sub_keys, source, chunk_words)
+                return
+            self._dirty = True
+            mine: ValueError | None = None
+            try:
+                t0 = time.perf_counter()
+                try:
+                    mask_range(out, 0, mid, add_keys, sub_keys, source, chunk_words)
+                except ValueError as exc:
+                    mine = exc
+                t1 = time.perf_counter()
+                parent_s = t1 - t0
+                try:
+                    reply = self._recv(REPLY_TIMEOUT_S)
+                except HelperFailed as exc:
+                    reply = b"X" + str(exc).encode()
+                t2 = time.perf_counter()
+            except BaseException:
+                self._fail("interrupted during a call")
+                raise
+            kind, body = reply[:1], reply[1:]
+            if kind == b"D" and len(body) == _DONE.size:
+                if mine is None:
+                    out[mid:] = shared
+                    (helper_s,) = _DONE.unpack(body)
+                    self._adapt(mid / max(parent_s, 1e-9), m / max(helper_s, 1e-9))
+                    self.last_timings = {
+                        "stage_s": t0 - t_stage,
+                        "parent_s": parent_s,
+                        "wait_s": t2 - t1,
+                        "copy_out_s": time.perf_counter() - t2,
+                        "helper_s": helper_s,
+                        "helper_values": m,
+                        "values": n,
+                    }
+            elif kind == b"E":
+                if mine is None:
+                    mine = ValueError(body.decode("utf-8", "replace"))
+            else:
+                self._fail(body.decode("utf-8", "replace") or "unexpected answer")
+                if mine is None:  # finish the helper's range here: the same bits
+                    mask_range(out, mid, n, add_keys, sub_keys, source, chunk_words)
+            if mine is not None:
+                raise mine
+        finally:
+            del shared, buf
+
+    def _adapt(self, parent_rate: float, helper_rate: float) -> None:
+        """Move the split towards equal finishing times (values per second of each side)."""
+        if parent_rate <= 0 or helper_rate <= 0 or not math.isfinite(parent_rate + helper_rate):
+            return
+        target = helper_rate / (parent_rate + helper_rate)
+        self.share = min(0.85, max(0.15, 0.5 * self.share + 0.5 * target))
+
+
+# -------------------------------------------------------- the process's helper
+
+_default: MaskHelper | None = None
+_default_lock = threading.Lock()
+
+
+def default_helper() -> MaskHelper:
+    """This process's shared helper (created, not started, on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = MaskHelper()
+        return _default
+
+
+def start_helper(wait: bool = True) -> bool:
+    """Start this process's helper now (e.g. at daemon start-up); ``True`` if it runs."""
+    if not _enabled() or usable_cpus() < 2:
+        return False
+    helper = default_helper()
+    if wait:
+        return helper.start()
+    helper.start_in_background()
+    return helper.alive
+
+
+def shutdown_helper() -> None:
+    """Stop this process's helper, if any (registered to run at interpreter exit)."""
+    global _default
+    with _default_lock:
+        helper, _default = _default, None
+    if helper is not None:
+        helper.close()
+
+
+def _forget_after_fork() -> None:
+    # A forked child must never talk to its parent's helper; it starts its own if needed.
+    global _default
+    _default = None
+
+
+atexit.register(shutdown_helper)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def apply_masks_parallel(
+    out: NDArray[np.uint32],
+    add_keys: Sequence[bytes] = (),
+    sub_keys: Sequence[bytes] = (),
+    *,
+    source: ChunkSource | None = None,
+    threads: int | None = None,
+    helper: MaskHelper | None = None,
+    min_words: int = PARALLEL_MIN_WORDS,
+) -> NDArray[np.uint32]:
+    """:func:`.mask.apply_masks` that uses the helper process for large vectors.
+
+    Same contract and bit-identical result. With ``threads=None`` (the
+    default) a vector of at least ``min_words`` values on a machine with two or
+    more usable CPUs is split with ``helper`` (default: this process's
+    :func:`default_helper`, started in the background on first need — that
+    first call runs in process). An explicit ``threads`` runs the in-process
+    kernel with that many threads, as :func:`.mask.apply_masks` does.
+    """
+    check_mask_arguments(out, add_keys, sub_keys)
+    if threads is None and out.shape[0] >= min_words and _enabled() and usable_cpus() >= 2:
+        h = helper if helper is not None else default_helper()
+        if h.alive:
+            if h.apply(out, add_keys, sub_keys, source=source):
+                return out
+        elif helper is None:
+            h.start_in_background()
+    return apply_masks(out, add_keys, sub_keys, source=source, threads=threads)
