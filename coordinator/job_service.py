@@ -5,6 +5,7 @@ Developers see and control only their own jobs; operators see all of them.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -59,6 +60,16 @@ def job_info(ctx: Context, job: JobRow, *, with_rounds: bool = True) -> pb.JobIn
             if r.state == "completed":
                 participants.update(r.nodes)
         info.nodes.extend(sorted(participants))
+        for node, d in ctx.store.decisions(job.job_id).items():
+            info.grants.append(
+                pb.GrantInfo(
+                    node=node,
+                    outcome=d["outcome"],
+                    reason=d["reason"],
+                    grant_json=d["grant_json"],
+                    updated=d["updated"],
+                )
+            )
     return info
 
 
@@ -127,6 +138,20 @@ class JobServicer(pb_grpc.JobServiceServicer):
             bundle_sha=bundle_sha,
             rounds_total=spec.federation.rounds,
         )
+        if self.ctx.audit is not None:
+            self.ctx.audit.log(
+                "job_submitted",
+                job_id,
+                {
+                    "job_hash": spec.job_hash(),
+                    "owner": caller.name,
+                    "name": spec.name,
+                    "purpose": spec.purpose,
+                    "dataset": spec.data.dataset,
+                    "bundle_sha256": bundle_sha,
+                    "secure": spec.federation.secure,
+                },
+            )
         if not spec.federation.secure:
             self.ctx.store.add_event(
                 job_id,
@@ -210,6 +235,36 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 f"job {job.job_id} is {job.state}; the model is available once it completes",
             )
         yield from self.ctx.blobs.iter_chunks(job.model_sha)
+
+    @rpc("developer", "operator")
+    def GetLedger(  # noqa: N802
+        self, request: pb.LedgerRequest, context: grpc.ServicerContext, *, caller: Caller
+    ) -> pb.LedgerResponse:
+        """The coordinator's ledger: operators see all of it, developers their jobs' entries."""
+        if caller.role != "operator":
+            if not request.job_id:
+                raise Abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "developers may read only their own jobs' ledger entries (give job_id)",
+                )
+            self._job(request.job_id, caller)
+        audit = self.ctx.audit
+        if audit is None or audit.ledger is None:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, "this coordinator keeps no ledger")
+        limit = request.limit if 0 < request.limit <= 10000 else 1000
+        out = pb.LedgerResponse()
+        for entry in audit.ledger.iter_entries(job_id=request.job_id or None):
+            if entry.seq <= request.after_seq:
+                continue
+            out.entries.append(
+                pb.LedgerEntry(seq=entry.seq, entry_json=json.dumps(entry.to_dict()))
+            )
+            if len(out.entries) >= limit:
+                break
+        out.head_seq, out.head_hash = audit.head()
+        assert audit.signer is not None
+        out.signer_cert_pem = bytes(audit.signer.cert_pem).decode("ascii")
+        return out
 
     @rpc("developer", "operator")
     def ListNodes(  # noqa: N802

@@ -32,6 +32,7 @@ MAX_FEATURE_VALUES = 1 << 24
 
 
 def dataset_to_dict(d: pb.DatasetInfo) -> dict[str, Any]:
+    """Validated metadata of one dataset (the certificate is checked by the caller)."""
     if not d.name or len(d.name) > 64:
         raise ValueError("dataset name must be 1-64 characters")
     if d.rows < 0 or any(x <= 0 for x in d.feature_shape):
@@ -71,7 +72,35 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         names = [d["name"] for d in datasets]
         if len(set(names)) != len(names):
             raise ValueError("dataset names must be unique")
+        audit = self.ctx.audit
+        known = {
+            d["name"]: d.get("certificate_json", "")
+            for n in self.ctx.store.list_nodes()
+            if n["name"] == caller.name
+            for d in n["datasets"]
+        }
+        fresh: list[str] = []
+        for info, d in zip(request.datasets, datasets, strict=True):
+            d["certificate_json"] = info.certificate_json
+            if not info.certificate_json or audit is None:
+                continue
+            cert = audit.registration(info.certificate_json, caller.name)
+            if cert is not None and (
+                cert.dataset != d["name"]
+                or cert.fingerprint != d["fingerprint"]
+                or cert.row_count != d["rows"]
+            ):
+                raise ValueError(
+                    f"dataset {d['name']!r}: registration certificate does not match its metadata"
+                )
+            if known.get(d["name"]) != info.certificate_json:
+                fresh.append(info.certificate_json)
         self.ctx.store.upsert_node(caller.name, datasets)
+        if audit is not None:
+            from wharf.records import SignedRecord
+
+            for text in fresh:
+                audit.log_record(SignedRecord.from_json(text))
         self.ctx.sessions.set_datasets(caller.name, {d["name"]: d for d in datasets})
         log.info("node %s says hello with %d datasets", caller.name, len(datasets))
         return pb.HelloResponse(
@@ -139,7 +168,27 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 spool = None
             elif header.ok and header.kind in (pb.TASK_TRAIN, pb.TASK_STATS) and not header.secagg:
                 raise ValueError("a successful result must carry its payload")
+            receipt = None
+            if header.receipt_json and self.ctx.audit is not None:
+                receipt = self.ctx.audit.receipt(
+                    header.receipt_json, caller.name, header.job_id, header.round
+                )
+                if result.blob_sha and receipt[0].sent_sha256 != result.blob_sha:
+                    raise ValueError("usage receipt refused: it names another payload")
             collector.deliver(result)
+            if receipt is not None:
+                usage, countersigned = receipt
+                self.ctx.store.add_receipt(
+                    usage.receipt_id,
+                    header.job_id,
+                    header.round,
+                    caller.name,
+                    countersigned.to_json(),
+                )
+                self.ctx.audit.log_record(countersigned)  # type: ignore[union-attr]
+                return pb.UploadAck(
+                    accepted=True, sha256=result.blob_sha, receipt_json=countersigned.to_json()
+                )
         except (ResultRejected, TransferError) as exc:
             result.discard()
             raise ValueError(str(exc)) from None
@@ -185,6 +234,62 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         allowed.discard("")
         if sha not in allowed:
             raise Abort(grpc.StatusCode.PERMISSION_DENIED, "that blob does not belong to this job")
+
+    @rpc("node")
+    def Decide(  # noqa: N802
+        self, request: pb.Decision, context: grpc.ServicerContext, *, caller: Caller
+    ) -> pb.DecisionAck:
+        job = self.ctx.store.get_job(request.job_id)
+        if job is None:
+            raise LookupError(f"no job {request.job_id!r}")
+        if request.job_hash != job.job_hash:
+            raise ValueError("decision names another job hash")
+        if request.outcome not in ("granted", "refused", "pending", "revoked"):
+            raise ValueError("outcome must be granted, refused, pending or revoked")
+        reason = request.reason[:2000]
+        audit = self.ctx.audit
+        if request.outcome == "granted":
+            signed = None
+            if audit is not None and audit.ca_pem is not None:
+                if not request.grant_json:
+                    raise ValueError("a grant must carry the signed grant record")
+                signed = audit.grant(request.grant_json, caller.name, job.job_id, job.job_hash)
+            self.ctx.store.set_decision(job.job_id, caller.name, "granted", "", request.grant_json)
+            if signed is not None:
+                audit.log_record(signed)  # type: ignore[union-attr]
+            message = f"{caller.name} granted the job"
+        else:
+            self.ctx.store.set_decision(job.job_id, caller.name, request.outcome, reason)
+            kind = {"refused": "grant_refused", "revoked": "grant_revoked"}.get(request.outcome)
+            if kind and audit is not None:
+                audit.log(kind, job.job_id, {"node": caller.name, "reason": reason})
+            message = {
+                "refused": f"{caller.name} refused the job: {reason}",
+                "revoked": f"{caller.name} revoked its grant: {reason}",
+                "pending": f"{caller.name}: awaiting its operator's approval",
+            }[request.outcome]
+        self.ctx.store.add_event(job.job_id, "grant", message=message)
+        return pb.DecisionAck(accepted=True)
+
+    @rpc("node")
+    def Attest(  # noqa: N802
+        self, request: pb.Attestation, context: grpc.ServicerContext, *, caller: Caller
+    ) -> pb.DecisionAck:
+        job = self.ctx.store.get_job(request.job_id)
+        if job is None:
+            raise LookupError(f"no job {request.job_id!r}")
+        if self.ctx.audit is None:
+            return pb.DecisionAck(accepted=True)
+        signed = self.ctx.audit.attestation(request.attestation_json, caller.name, job.job_id)
+        self.ctx.store.add_attestation(job.job_id, caller.name, signed.to_json())
+        self.ctx.audit.log_record(signed)
+        deleted = signed.body.get("deleted", [])
+        self.ctx.store.add_event(
+            job.job_id,
+            "message",
+            message=f"{caller.name} destroyed its job workspace ({len(deleted)} files, attested)",
+        )
+        return pb.DecisionAck(accepted=True)
 
     @rpc("node")
     def Heartbeat(  # noqa: N802

@@ -24,6 +24,7 @@ from wharf import bundle as bundle_mod
 from wharf import spec as spec_mod
 from wharf.algorithms import models, secure_vectors, strategies, training
 from wharf.algorithms.secagg import SecAggParams, VectorLayout
+from wharf.coordinator.audit import Audit
 from wharf.coordinator.blobs import BlobStore
 from wharf.coordinator.secure_round import SecureOutcome, SecureRound, SecureRoundFailed
 from wharf.coordinator.sessions import NodeSession, SessionRegistry
@@ -60,6 +61,7 @@ class Context:
     poll_s: float = 0.5
     ca_pem: bytes | None = None
     """The deployment CA (None in plaintext mode, where secure aggregation is unavailable)."""
+    audit: Audit | None = None
 
 
 def model_options(spec: spec_mod.JobSpec) -> dict[str, object]:
@@ -107,6 +109,8 @@ class JobRunner(threading.Thread):
         self.spec = spec_mod.from_json(job.spec_json)
         self.job_hash = job.job_hash
         self.bundle_sha = job.bundle_sha
+        self.owner = job.owner
+        self._offered: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
     def run(self) -> None:
@@ -175,6 +179,9 @@ class JobRunner(threading.Thread):
                             f"round {rnd} failed {attempt + 1} times; last reason: {exc}"
                         ) from None
                     self._wait_for_nodes(fed.min_nodes, fed.wait_for_nodes_s, quiet=True)
+        job = store.get_job(self.job_id)
+        assert job is not None
+        self._log("model_stored", {"model_sha256": job.model_sha, "size": job.model_size})
         store.set_state(self.job_id, "completed")
 
     def _end_job(self) -> None:
@@ -185,7 +192,8 @@ class JobRunner(threading.Thread):
             )
 
     # -- node selection ----------------------------------------------------------
-    def _eligible(self) -> list[NodeSession]:
+    def _candidates(self) -> list[NodeSession]:
+        """Online nodes holding the dataset with the job's feature layout."""
         nodes = self.ctx.sessions.holding(self.spec.data.dataset)
         if not nodes:
             return []
@@ -205,32 +213,94 @@ class JobRunner(threading.Thread):
                 for s in chosen
                 if wanted <= set(s.datasets[self.spec.data.dataset].get("features", []))
             ]
+        return chosen
+
+    def _eligible(self) -> list[NodeSession]:
+        """Candidates whose current decision on this job is a valid grant."""
+        decisions = self.ctx.store.decisions(self.job_id)
+        chosen = [
+            s for s in self._candidates() if decisions.get(s.name, {}).get("outcome") == "granted"
+        ]
         if self.spec.federation.max_nodes:
             chosen = chosen[: self.spec.federation.max_nodes]
         return chosen
+
+    def _offer(self) -> None:
+        """Offer the job to candidates that have not decided yet (again after a reconnect)."""
+        decisions = self.ctx.store.decisions(self.job_id)
+        seq, head = self.ctx.audit.head() if self.ctx.audit else (0, "")
+        bundle_ref = self.ctx.blobs.ref(self.bundle_sha) if self.bundle_sha else pb.BlobRef()
+        owner = self.owner
+        for s in self._candidates():
+            outcome = decisions.get(s.name, {}).get("outcome")
+            if outcome in ("granted", "refused", "revoked"):
+                continue
+            if self._offered.get(s.name) == s.session_id:
+                continue
+            task_id = uuid.uuid4().hex
+            self.ctx.store.create_task(
+                task_id=task_id,
+                job_id=self.job_id,
+                rnd=0,
+                attempt=0,
+                node=s.name,
+                kind="TASK_OFFER",
+            )
+            task = pb.Task(
+                task_id=task_id,
+                job_id=self.job_id,
+                kind=pb.TASK_OFFER,
+                job_spec_json=self.spec.canonical_json(),
+                job_hash=self.job_hash,
+                dataset=self.spec.data.dataset,
+                bundle=bundle_ref,
+                requester=owner,
+                ledger_seq=seq,
+                ledger_head=head,
+            )
+            if self.ctx.sessions.send(s.name, task):
+                self._offered[s.name] = s.session_id
+                self._participants.add(s.name)
+
+    def _decision_summary(self) -> str:
+        decisions = self.ctx.store.decisions(self.job_id)
+        parts = []
+        for node, d in sorted(decisions.items()):
+            if d["outcome"] == "pending":
+                parts.append(f"{node}: awaiting its operator's approval")
+            elif d["outcome"] != "granted":
+                parts.append(f"{node} {d['outcome']}: {d['reason']}")
+        return "; ".join(parts)
 
     def _wait_for_nodes(self, need: int, timeout: float, quiet: bool = False) -> list[NodeSession]:
         deadline = time.time() + timeout
         announced = quiet
         while True:
             self._check()
+            self._offer()
             nodes = self._eligible()
             if len(nodes) >= need:
                 return nodes
             if time.time() >= deadline:
+                summary = self._decision_summary()
                 raise JobFailed(
                     f"only {len(nodes)} of the {need} required nodes holding dataset "
-                    f"'{self.spec.data.dataset}' came online within {timeout:.0f} s"
+                    f"'{self.spec.data.dataset}' were online with a grant within {timeout:.0f} s"
+                    + (f" ({summary})" if summary else "")
                 )
             if not announced:
                 self.ctx.store.add_event(
                     self.job_id,
                     "message",
                     message=f"waiting for {need} nodes holding '{self.spec.data.dataset}' "
-                    f"({len(nodes)} online)",
+                    f"to grant the job ({len(nodes)} so far)",
                 )
                 announced = True
             time.sleep(self.ctx.poll_s)
+
+    def _log(self, kind: str, payload: dict[str, object]) -> None:
+        if self.ctx.audit is not None:
+            self.ctx.audit.log(kind, self.job_id, payload)
 
     # -- model preparation -------------------------------------------------------
     def _input_shape(self, nodes: list[NodeSession]) -> tuple[int, ...]:
@@ -367,6 +437,7 @@ class JobRunner(threading.Thread):
         collector = RoundCollector(assignment, validator)
         ctx.broker.register(collector, self.job_id, kind, assignment)
         kind_name = pb.TaskKind.Name(kind)
+        ledger_seq, ledger_head = ctx.audit.head() if ctx.audit else (0, "")
         try:
             for task_id, name in assignment.items():
                 ctx.store.create_task(
@@ -390,6 +461,8 @@ class JobRunner(threading.Thread):
                     dataset=self.spec.data.dataset,
                     deadline_unix=deadline,
                     secure=False,
+                    ledger_seq=ledger_seq,
+                    ledger_head=ledger_head,
                 )
                 if customize is not None:
                     customize(task, name)
@@ -434,12 +507,16 @@ class JobRunner(threading.Thread):
     def _run_round(self, rnd: int, attempt: int, model_sha: str, state_sha: str) -> None:
         ctx = self.ctx
         fed = self.spec.federation
+        self._offer()  # nodes that came online since: they decide before they take part
         nodes = self._eligible()
         if len(nodes) < fed.min_nodes:
             raise RoundFailed(f"only {len(nodes)} eligible nodes online, {fed.min_nodes} required")
         global_weights = load_weights_blob(ctx.blobs, model_sha)
         layout = {k: v.shape for k, v in global_weights.items()}
         ctx.store.start_round(self.job_id, rnd, attempt, [s.name for s in nodes])
+        self._log(
+            "round_started", {"round": rnd, "attempt": attempt, "nodes": [s.name for s in nodes]}
+        )
         if fed.secure:
             self._run_secure_round(rnd, attempt, nodes, model_sha, state_sha, global_weights)
             return
@@ -487,6 +564,10 @@ class JobRunner(threading.Thread):
                 strategy_state_sha=state_ref_sha,
                 metrics=metrics_summary(ok),
                 node_names=[r.node for r in ok],
+            )
+            self._log(
+                "round_finished",
+                {"round": rnd, "model_sha256": model_ref.sha256, "nodes": [r.node for r in ok]},
             )
         finally:
             for r in results:
@@ -589,6 +670,15 @@ class JobRunner(threading.Thread):
             strategy_state_sha=state_ref_sha,
             metrics=metrics,
             node_names=sorted(outcome.contributors),
+        )
+        self._log(
+            "round_finished",
+            {
+                "round": rnd,
+                "model_sha256": model_ref.sha256,
+                "secure": True,
+                "nodes": sorted(outcome.contributors),
+            },
         )
 
     def _apply_strategy(

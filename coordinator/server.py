@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from wharf.coordinator.audit import Audit
 from wharf.coordinator.auth import Authenticator
 from wharf.coordinator.blobs import BlobStore
 from wharf.coordinator.job_service import JobServicer
@@ -61,6 +62,11 @@ class Coordinator:
             sessions=SessionRegistry(),
             broker=TaskBroker(),
             ca_pem=None if config.insecure else config.identity.ca_pem,  # type: ignore[union-attr]
+        )
+        self.ctx.audit = Audit(
+            self.ctx.store.engine,
+            None if config.identity is None else config.identity.signer(),
+            self.ctx.ca_pem,
         )
         self.scheduler = Scheduler(self.ctx)
         auth = Authenticator(None if config.insecure else config.identity.ca_pem)  # type: ignore[union-attr]

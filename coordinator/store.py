@@ -97,6 +97,39 @@ events = sa.Table(
     sa.Column("state", sa.String(32), nullable=False, default=""),
 )
 
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.job_id"), primary_key=True),
+    sa.Column("node", sa.String(64), primary_key=True),
+    # granted | refused | pending | revoked
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("grant_json", sa.Text, nullable=False, default=""),
+    sa.Column("updated", sa.Float, nullable=False),
+)
+
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("receipt_id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.job_id"), nullable=False, index=True),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("node", sa.String(64), nullable=False),
+    # The node-signed receipt with the coordinator's countersignature.
+    sa.Column("receipt_json", sa.Text, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+attestations = sa.Table(
+    "attestations",
+    metadata,
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.job_id"), primary_key=True),
+    sa.Column("node", sa.String(64), primary_key=True),
+    sa.Column("attestation_json", sa.Text, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 ACTIVE_STATES = frozenset({"pending_grants", "running"})
 
@@ -411,6 +444,68 @@ class Store:
         )
         with self.engine.connect() as c:
             return {(r[0], r[1]): int(r[2]) for r in c.execute(q)}
+
+    # -- decisions, receipts, attestations -------------------------------------
+    def set_decision(
+        self, job_id: str, node: str, outcome: str, reason: str = "", grant_json: str = ""
+    ) -> None:
+        """Record a node's decision on a job (the latest one wins)."""
+        now = time.time()
+        with self.tx() as c:
+            c.execute(
+                decisions.delete().where(decisions.c.job_id == job_id, decisions.c.node == node)
+            )
+            c.execute(
+                decisions.insert().values(
+                    job_id=job_id,
+                    node=node,
+                    outcome=outcome,
+                    reason=reason,
+                    grant_json=grant_json,
+                    updated=now,
+                )
+            )
+
+    def decisions(self, job_id: str) -> dict[str, dict[str, Any]]:
+        q = decisions.select().where(decisions.c.job_id == job_id).order_by(decisions.c.node)
+        with self.engine.connect() as c:
+            return {r["node"]: dict(r) for r in c.execute(q).mappings()}
+
+    def add_receipt(self, receipt_id: str, job_id: str, rnd: int, node: str, data: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                receipts.insert().values(
+                    receipt_id=receipt_id,
+                    job_id=job_id,
+                    round=rnd,
+                    node=node,
+                    receipt_json=data,
+                    created=time.time(),
+                )
+            )
+
+    def receipts(self, job_id: str) -> list[dict[str, Any]]:
+        q = receipts.select().where(receipts.c.job_id == job_id).order_by(receipts.c.created)
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def add_attestation(self, job_id: str, node: str, data: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                attestations.delete().where(
+                    attestations.c.job_id == job_id, attestations.c.node == node
+                )
+            )
+            c.execute(
+                attestations.insert().values(
+                    job_id=job_id, node=node, attestation_json=data, created=time.time()
+                )
+            )
+
+    def attestations(self, job_id: str) -> list[dict[str, Any]]:
+        q = attestations.select().where(attestations.c.job_id == job_id)
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
 
     # -- nodes ---------------------------------------------------------------
     def upsert_node(self, name: str, datasets: list[dict[str, Any]]) -> None:

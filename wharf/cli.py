@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from wharf.audit_cli import audit_app
 from wharf.ca_cli import ca_app
 from wharf.coordinator.cli import coordinator_app
 from wharf.job_cli import job_app
@@ -20,6 +21,7 @@ app.add_typer(ca_app)
 app.add_typer(coordinator_app)
 app.add_typer(node_app)
 app.add_typer(job_app)
+app.add_typer(audit_app)
 
 
 @app.command("demo")

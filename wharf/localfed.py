@@ -21,6 +21,19 @@ from wharf.identity import init_ca, issue
 
 STARTUP_TIMEOUT_S = 60.0
 
+DEMO_POLICY = """\
+# This hospital's data policy (see node/policy.py for every field).
+allowed_purposes = ["medical-research"]
+
+[levels.general]
+secure_aggregation = false   # plaintext jobs allowed on general data (demo/tests compare both)
+
+[[auto_approve]]             # standing rule: alice's medical research on general data
+requester = "alice"
+purpose = "medical-research"
+max_level = "general"
+"""
+
 
 @dataclass
 class Proc:
@@ -42,6 +55,8 @@ class LocalFederation:
     port: int = 0
     node_options: dict[str, dict[str, str]] = field(default_factory=dict)
     """Extra ``[node]`` settings per node name (e.g. ``{"wire_log": "sent.log"}``)."""
+    policies: dict[str, str] = field(default_factory=dict)
+    """Policy TOML per node name (default: :data:`DEMO_POLICY`)."""
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -119,7 +134,9 @@ class LocalFederation:
         home = self.root / "nodes" / name
         home.mkdir(parents=True, exist_ok=True)
         config = home / "node.toml"
-        extra = "".join(f'{k} = "{v}"\n' for k, v in self.node_options.get(name, {}).items())
+        (home / "policy.toml").write_text(self.policies.get(name, DEMO_POLICY), encoding="utf-8")
+        options = {"policy": "policy.toml", **self.node_options.get(name, {})}
+        extra = "".join(f'{k} = "{v}"\n' for k, v in options.items())
         config.write_text(
             "[node]\n"
             f'coordinator = "{self.address}"\n'
