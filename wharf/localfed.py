@@ -150,30 +150,38 @@ class LocalFederation:
         return config
 
     def register_dataset(
-        self, node: str, dataset: str, path: Path, label: str, features: list[str] | None = None
+        self,
+        node: str,
+        dataset: str,
+        path: Path,
+        label: str,
+        features: list[str] | None = None,
+        *,
+        purposes: tuple[str, ...] = ("medical-research",),
+        extra: tuple[str, ...] = (),
     ) -> None:
         """Register a dataset at a node, through the real CLI."""
         config = self.node_config(node)
-        args = [
-            sys.executable,
-            "-m",
-            "wharf.cli",
-            "node",
-            "dataset",
-            "add",
-            dataset,
-            str(path),
-            "--label",
-            label,
-            "--config",
-            str(config),
-            "--replace",
-        ]
+        args = ["node", "dataset", "add", dataset, str(path), "--label", label, "--replace"]
         if features:
             args += ["--features", ",".join(features)]
-        res = subprocess.run(args, capture_output=True, text=True, cwd=self.root, check=False)
+        for p in purposes:
+            args += ["--purpose", p]
+        self.node_cli(node, [*args, *extra], config)
+
+    def node_cli(self, node: str, args: list[str], config: Path | None = None) -> str:
+        """Run a ``wharf node …`` command as the node's operator would; returns its output."""
+        config = config or self.root / "nodes" / node / "node.toml"
+        res = subprocess.run(
+            [sys.executable, "-m", "wharf.cli", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            check=False,
+        )
         if res.returncode != 0:
-            raise RuntimeError(f"dataset registration failed: {res.stdout}{res.stderr}")
+            raise RuntimeError(f"`wharf {' '.join(args)}` failed: {res.stdout}{res.stderr}")
+        return res.stdout
 
     def start_node(self, name: str) -> None:
         config = self.node_config(name)
