@@ -268,6 +268,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 "revoked": f"{caller.name} revoked its grant: {reason}",
                 "pending": f"{caller.name}: awaiting its operator's approval",
             }[request.outcome]
+        self.ctx.store.answer_offers(job.job_id, caller.name, request.outcome)
         self.ctx.store.add_event(job.job_id, "grant", message=message)
         return pb.DecisionAck(accepted=True)
 

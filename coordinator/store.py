@@ -436,6 +436,20 @@ class Store:
                 )
             )
 
+    def answer_offers(self, job_id: str, node: str, outcome: str) -> None:
+        """Close the offer tasks a node has now answered."""
+        with self.tx() as c:
+            c.execute(
+                tasks.update()
+                .where(tasks.c.job_id == job_id, tasks.c.node == node)
+                .where(tasks.c.kind == "TASK_OFFER", tasks.c.state == "sent")
+                .values(
+                    state="done",
+                    error="" if outcome == "granted" else outcome,
+                    finished=time.time(),
+                )
+            )
+
     def task_counts(self, job_id: str) -> dict[tuple[int, str], int]:
         q = (
             sa.select(tasks.c.round, tasks.c.state, sa.func.count())

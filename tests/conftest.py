@@ -21,11 +21,13 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from wharf import spec as spec_mod
 from wharf.coordinator.server import Coordinator, CoordinatorConfig
 from wharf.coordinator.store import events, jobs, nodes, rounds, tasks
 from wharf.identity import Identity, init_ca, issue
 from wharf.proto import wharf_pb2 as pb
 from wharf.proto import wharf_pb2_grpc as pb_grpc
+from wharf.records import Grant, Protections, Quotas
 from wharf.tls import MAX_MESSAGE_BYTES, secure_channel
 
 DEADLINE = 10.0
@@ -134,8 +136,12 @@ class Harness:
             }
 
     def rows(self, table: sa.Table) -> list[dict[str, Any]]:
+        """A table's rows; for ``tasks``, the work tasks only (offers are answered by Decide)."""
         with self.ctx.store.engine.connect() as c:
-            return [dict(r) for r in c.execute(table.select()).mappings()]
+            out = [dict(r) for r in c.execute(table.select()).mappings()]
+        if table is tasks:
+            out = [r for r in out if r["kind"] != "TASK_OFFER"]
+        return out
 
     def blob_files(self) -> set[str]:
         """Stored blobs (by relative path), not counting the spool directory."""
@@ -275,6 +281,7 @@ class DrivenNode:
         self.tasks: queue.Queue[pb.Task | BaseException] = queue.Queue()
         self._stream: Any = None
         self._reader: threading.Thread | None = None
+        self.auto_grant = True
 
     def hello(self, *datasets: pb.DatasetInfo) -> pb.HelloResponse:
         request = pb.HelloRequest(version="test", datasets=list(datasets) or [dataset_info()])
@@ -287,6 +294,9 @@ class DrivenNode:
         def read() -> None:
             try:
                 for task in self._stream:
+                    if task.kind == pb.TASK_OFFER and self.auto_grant:
+                        self.grant(task)
+                        continue
                     self.tasks.put(task)
             except grpc.RpcError as exc:
                 self.tasks.put(exc)
@@ -297,6 +307,32 @@ class DrivenNode:
         while self.harness.ctx.sessions.get(self.name) is None:
             assert time.monotonic() < deadline, f"{self.name} never came online"
             time.sleep(0.02)
+
+    def grant(self, offer: pb.Task) -> pb.DecisionAck:
+        """Answer an offer as a consenting node: sign a grant over the offered job."""
+        spec = spec_mod.from_json(offer.job_spec_json)
+        grant = Grant(
+            node=self.name,
+            job_id=offer.job_id,
+            job_hash=offer.job_hash,
+            requester=offer.requester,
+            purpose=spec.purpose,
+            datasets=(offer.dataset,),
+            columns=tuple(spec.data.features),
+            quotas=Quotas(rounds=1000, epochs=100, samples=10**9),
+            protections=Protections(secure_aggregation=spec.federation.secure),
+            expires_at=time.time() + 3600,
+        )
+        signed = grant.sign(self.harness.pki[self.name].signer())
+        return self.stub.Decide(  # type: ignore[no-any-return]
+            pb.Decision(
+                job_id=offer.job_id,
+                job_hash=offer.job_hash,
+                outcome="granted",
+                grant_json=signed.to_json(),
+            ),
+            timeout=DEADLINE,
+        )
 
     def next_task(self, kind: int | None = None) -> pb.Task:
         """The next task (of ``kind``, skipping others such as TASK_END_JOB)."""

@@ -43,6 +43,8 @@ ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("NodeService", "UploadResult"): frozenset({"node"}),
     ("NodeService", "DownloadBlob"): frozenset({"node"}),
     ("NodeService", "Heartbeat"): frozenset({"node"}),
+    ("NodeService", "Decide"): frozenset({"node"}),
+    ("NodeService", "Attest"): frozenset({"node"}),
     ("JobService", "SubmitJob"): frozenset({"developer"}),
     ("JobService", "GetJob"): frozenset({"developer", "operator"}),
     ("JobService", "ListJobs"): frozenset({"developer", "operator"}),
@@ -50,6 +52,7 @@ ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("JobService", "CancelJob"): frozenset({"developer", "operator"}),
     ("JobService", "DownloadModel"): frozenset({"developer", "operator"}),
     ("JobService", "ListNodes"): frozenset({"developer", "operator"}),
+    ("JobService", "GetLedger"): frozenset({"developer", "operator"}),
 }
 """Who may call what. A role not listed must get PERMISSION_DENIED."""
 
