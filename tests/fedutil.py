@@ -22,9 +22,13 @@ def start_federation(
     *,
     node_options: dict[str, dict[str, str]] | None = None,
     edit: Callable[[str, pd.DataFrame], pd.DataFrame] | None = None,
+    policies: dict[str, str] | None = None,
+    register_extra: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[LocalFederation, pd.DataFrame]:
     """Coordinator + node processes, each holding a non-IID share of breast cancer."""
-    fed = LocalFederation(root, node_options=dict(node_options or {}))
+    fed = LocalFederation(
+        root, node_options=dict(node_options or {}), policies=dict(policies or {})
+    )
     fed.start_coordinator()
     split = split_non_iid(load_breast_cancer())
     for name in nodes:
@@ -32,7 +36,9 @@ def start_federation(
         path.parent.mkdir(exist_ok=True)
         part = split.parts[name] if edit is None else edit(name, split.parts[name].copy())
         part.to_csv(path, index=False)
-        fed.register_dataset(name, "breast_cancer", path, "diagnosis")
+        fed.register_dataset(
+            name, "breast_cancer", path, "diagnosis", extra=(register_extra or {}).get(name, ())
+        )
         fed.start_node(name)
     fed.wait_for_nodes(list(nodes))
     return fed, split.test

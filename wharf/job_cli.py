@@ -103,6 +103,15 @@ def follow(
                     ev.state, "cyan"
                 )
                 progress.console.print(f"[{style}]{ev.message}[/{style}]")
+            elif ev.kind == "grant":
+                style = (
+                    "green"
+                    if "granted" in ev.message
+                    else "yellow"
+                    if "awaiting" in ev.message
+                    else "red"
+                )
+                progress.console.print(f"[{style}]{ev.message}[/{style}]")
             elif ev.kind == "message":
                 style = "bold red" if ev.message.startswith("WARNING") else "dim"
                 progress.console.print(f"[{style}]{ev.message}[/{style}]")
