@@ -38,6 +38,8 @@ class LocalResult:
     num_examples: int
     metrics: dict[str, float]
     payload: Path
+    compute_seconds: float = 0.0
+    """The training (or statistics) worker's wall time, for the usage receipt."""
 
 
 @dataclass
@@ -48,6 +50,8 @@ class _Session:
     work: Future[LocalResult]
     task_dir: Path
     lock: threading.Lock = field(default_factory=threading.Lock)
+    contributed: LocalResult | None = None
+    """The local result this node masked and sent (set at the share delivery)."""
 
 
 def _parse(cls: type[Message], data: bytes, what: str) -> Any:
@@ -118,6 +122,15 @@ class SecureSessions:
             raise SecureTaskError("no secure-aggregation session for this job and round")
         return session
 
+    def contribution(self, task: pb.Task) -> tuple[int, LocalResult] | None:
+        """``(task kind, local result)`` this node masked into the round of ``task``, once
+        it answered the share delivery (what its usage receipt accounts for)."""
+        with self._lock:
+            session = self._sessions.get((task.job_id, task.round))
+        if session is None or session.contributed is None:
+            return None
+        return session.kind, session.contributed
+
     def end(self, job_id: str, rnd: int | None = None) -> None:
         with self._lock:
             for key in [k for k in self._sessions if k[0] == job_id and rnd in (None, k[1])]:
@@ -178,6 +191,7 @@ class SecureSessions:
             )
         msg = client.masked_input(inputs, layout, inline=False)
         local.payload.unlink(missing_ok=True)  # the clear update is no longer needed
+        session.contributed = local
         vector = client.masked_vector
         assert vector is not None
         return msg.SerializeToString(), vector

@@ -102,6 +102,20 @@ def test_developer_bundle_job(tmp_path: Path) -> None:
         with fed.client() as client:
             job = client.submit(spec_mod.from_dict(raw))
             assert len(job.job_hash) == 64
+            # Code bundles are never auto-approved: each operator reads the code, then approves.
+            for h in HOSPITALS[:2]:
+                wait_until(
+                    lambda h=h: any(
+                        g.node == h and g.outcome == "pending"
+                        for g in client.get(job.job_id).grants
+                    ),
+                    60,
+                    f"{h} pending",
+                    fed,
+                )
+                shown = fed.node_cli(h, ["node", "grant", "show", job.job_id])
+                assert "def train_step" in shown  # the bundle's code is shown to the operator
+                fed.node_cli(h, ["node", "grant", "approve", job.job_id])
             final = client.wait(job.job_id)
             assert final.state == "completed", final.reason
             client.download_model(job.job_id, tmp_path / "m.safetensors")

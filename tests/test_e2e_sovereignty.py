@@ -6,7 +6,6 @@ Real coordinator and node processes over mTLS; operators act through the real
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -134,7 +133,7 @@ def test_manual_approval_revocation_receipts_ledgers_destruction(tmp_path: Path)
     assert log.returncode == 0 and "receipt" in log.stdout
 
     edited = tmp_path / "edited.db"
-    shutil.copy(coord_db, edited)
+    copy_db(coord_db, edited)
     with sqlite3.connect(edited) as c:
         seq = c.execute("SELECT seq FROM ledger WHERE kind = 'receipt' LIMIT 1").fetchone()[0]
         c.execute(
@@ -145,11 +144,17 @@ def test_manual_approval_revocation_receipts_ledgers_destruction(tmp_path: Path)
     assert bad.returncode == 1 and f"entry {seq}" in (bad.stdout + bad.stderr)
 
     deleted = tmp_path / "deleted.db"
-    shutil.copy(node_db, deleted)
+    copy_db(node_db, deleted)
     with sqlite3.connect(deleted) as c:
         c.execute("DELETE FROM ledger WHERE seq = 2")
     bad2 = audit("verify", str(deleted), "--ca", ca)
     assert bad2.returncode == 1, bad2.stdout
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy of a live SQLite database (WAL included)."""
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
 
 
 def coordinator_receipts(db: Path, job_id: str) -> list[str]:
