@@ -1,5 +1,12 @@
 """Measured prototypes of kernel changes proposed to the secagg owner (not used by Wharf).
 
+Status: the two-process masker below was adopted, hardened, as
+``wharf.algorithms.secagg.parallel`` (``spawn`` start method,
+``multiprocessing.shared_memory`` unlinked before use, binary pipe protocol,
+pipelined staging, adaptive split, in-process fallback). The benchmark suite
+still runs this prototype beside the production path (``--no-prototypes``
+skips it) so the two can be compared on the same inputs.
+
 What the measurements say (see ``benchmarks/README.md`` for the numbers):
 
 * ``cryptography`` releases the GIL inside ``update_into``: two threads each

@@ -31,6 +31,22 @@ def test_masked_update_unmasks_to_its_encoding(n: int) -> None:
     assert wh.masking_is_exact(setup, update)
 
 
+def test_production_path_with_the_helper_process_is_exact() -> None:
+    """Above the threshold the production path splits the work with the helper process:
+    bit-identical to the in-process kernel, and it unmasks to the encoding."""
+    from wharf.algorithms.secagg import parallel
+
+    status = wh.start_helper()
+    n = parallel.PARALLEL_MIN_WORDS + 3
+    setup = wh.masking_setup(n, k=8)
+    update = (np.random.default_rng(n).standard_normal(n) * 0.1).astype(np.float32)
+    before = wh.helper_status()["calls"]
+    assert wh.masking_is_exact(setup, update)
+    if status["running"]:
+        assert wh.path_used(n) == "2 processes"
+        assert wh.helper_status()["calls"] > before
+
+
 def test_recorded_round_unmasks_to_the_right_sum_with_a_dropout() -> None:
     rec = wh.record_round(6, 3000, drop_fraction=0.2)
     assert rec.dropped and len(rec.survivors) == 6 - len(rec.dropped)
@@ -43,7 +59,7 @@ def test_recorded_round_unmasks_to_the_right_sum_with_a_dropout() -> None:
 
 def test_quick_suite_runs_and_everything_it_checks_is_exact(tmp_path: Path) -> None:
     cfg = kernels.Config.quick()
-    cfg.repeats, cfg.warmup = 1, 0
+    cfg.repeats, cfg.mask_repeats, cfg.warmup = 1, 1, 0
     cfg.mask_sizes = [10_000, 100_000]
     cfg.server_values = 20_000
     results = kernels.run(cfg, tmp_path)
@@ -56,3 +72,4 @@ def test_quick_suite_runs_and_everything_it_checks_is_exact(tmp_path: Path) -> N
     assert saved["mode"] == "quick" and saved["targets"]
     assert (tmp_path / "quick.md").read_text().startswith("# Secure-aggregation kernels")
     assert (tmp_path / "quick-throughput.png").stat().st_size > 0
+    assert "wharf_helper" in saved  # the production path's helper is reported

@@ -348,3 +348,17 @@ def test_client_and_server_use_the_helper_for_large_vectors() -> None:
     assert np.array_equal(result.summed, expected)
     assert result.decode(layout)["num_examples"].tolist() == [40]
     assert h.calls == calls + 3  # two clients masked, the coordinator unmasked
+
+
+def test_no_room_in_shared_memory_falls_back_and_keeps_the_helper(
+    helper: MaskHelper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parallel, "_room_for", lambda nbytes: False)
+    shm = helper._shm
+    n = (shm.size if shm is not None else 0) + 4 * SPLIT_ALIGN  # needs a bigger segment
+    add = _keys(1)
+    out = np.zeros(n, dtype=np.uint32)
+    assert not helper.apply(out, add)
+    assert not out.any() and helper.alive
+    apply_masks_parallel(out, add, helper=helper, min_words=1)
+    assert np.array_equal(out, _reference(n, add, []))

@@ -14,7 +14,11 @@ free, which is exactly the ring Z_2^32.
 Large vectors may be split between threads: AES-CTR has random access (the
 keystream at word ``w`` starts at counter block ``w // 4``), OpenSSL and NumPy
 release the GIL, and each thread owns its encryptors and buffers, so the
-result is bit-identical to the single-threaded one.
+result is bit-identical to the single-threaded one. Threads gain little,
+though: every one of the some twenty short calls per chunk retakes the GIL.
+The client and the coordinator therefore use :mod:`.parallel`, which splits
+large vectors with a helper *process* (no shared GIL) through
+:func:`mask_range`, and fall back to this module's kernel otherwise.
 
 The same kernel unmasks at the coordinator: start from the sum of masked
 vectors and subtract the survivors' self masks and the dropped nodes'
@@ -49,6 +53,29 @@ THREAD_MIN_WORDS = 1 << 19
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_local = threading.local()
+
+
+def _scratch(chunk_words: int) -> tuple[memoryview, NDArray[np.uint32], memoryview]:
+    """This thread's keystream buffer (as bytes and words) and zeros, reused across calls.
+
+    Fresh 128 KiB buffers cost a page fault per 4 KiB on every call; a thread runs one
+    :func:`mask_range` at a time, so one set per thread and chunk size is enough (a few
+    sizes at most: the one-thread and the threaded chunk).
+    """
+    cache: dict[int, tuple[memoryview, NDArray[np.uint32], memoryview]] | None
+    cache = getattr(_local, "scratch", None)
+    if cache is None or len(cache) > 4:
+        cache = _local.scratch = {}
+    found = cache.get(chunk_words)
+    if found is None:
+        raw = bytearray(4 * chunk_words)
+        found = cache[chunk_words] = (
+            memoryview(raw),
+            np.frombuffer(raw, dtype=np.uint32),
+            memoryview(bytes(4 * chunk_words)),
+        )
+    return found
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -112,10 +139,7 @@ def mask_range(
     adders = [KeyStream(k, 4 * lo) for k in add_keys]
     subbers = [KeyStream(k, 4 * lo) for k in sub_keys]
     writer = source.cursor(lo) if source is not None else None
-    raw = bytearray(4 * chunk_words)
-    raw_view = memoryview(raw)
-    words = np.frombuffer(raw, dtype=np.uint32)
-    zeros = memoryview(bytes(4 * chunk_words))
+    raw_view, words, zeros = _scratch(chunk_words)
     add, sub = np.add, np.subtract
     for start in range(lo, hi, chunk_words):
         stop = min(start + chunk_words, hi)

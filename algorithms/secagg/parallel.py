@@ -14,9 +14,10 @@ How it works:
   (a fresh interpreter: it inherits none of the parent's memory — other
   rounds' keys, gRPC threads — and starting it is safe from a process that
   already runs threads), the first time a large vector is masked, and reused
-  for the life of the process (:func:`default_helper`). It exits when the
-  parent closes the pipe (:meth:`MaskHelper.close`, at interpreter exit, or
-  when the parent dies).
+  for the life of the process (:func:`default_helper`). Its start-up message
+  from ``multiprocessing`` names the entry function and carries the pipe, and
+  nothing else. It exits when the parent closes the pipe
+  (:meth:`MaskHelper.close`, at interpreter exit, or when the parent dies).
 * **Data in shared memory** (:mod:`multiprocessing.shared_memory`): one
   segment holds the helper's part of the output and of the input. Its name is
   unlinked as soon as the helper has mapped it and *before* anything is
@@ -26,13 +27,22 @@ How it works:
 * **Control over a pipe**: per call the parent sends the mask keys, the
   rounding key, the range ``[mid, n)`` and where each input slice lies in the
   segment (offset, dtype, scale, bound) as fixed binary records
-  (:mod:`struct`); the helper answers with a status byte and its compute time.
-  No object serialisation is used by this protocol in either direction.
+  (:mod:`struct`) — *first*, so the helper wakes up while the parent copies
+  its input into the segment in growing blocks, each announced by a progress
+  message; the helper starts on the first block. It reports finished output
+  blocks the same way (the parent copies them back while it waits) and ends
+  with a status and its clock readings. No object serialisation is used by
+  this protocol in either direction, and a pipe read or write is a system
+  call, so each announced block is visible to the other process.
   **Secrets (the 16-byte mask and rounding keys) cross only this pipe, to our
   own child process**, and are never written anywhere else.
 * **The split**: the parent masks ``[0, mid)`` in place while the helper masks
-  ``[mid, n)``; ``mid`` follows the measured speed of each side (so a busy
-  core gets less), on a 4096-value grid.
+  ``[mid, n)``; ``mid`` moves after every call so that both sides finish
+  together (from each side's measured speed, the helper's start-up delay and
+  the parent's copying), so a busy core gets less work. On a 4096-value grid.
+* **Scratch memory is reused** (:mod:`.mask` and :mod:`.encoding` keep one
+  set of chunk buffers per thread; the helper keeps its segment): fresh
+  buffers would cost a page fault per 4 KiB on every call.
 * **Bit-identical** to :func:`.mask.apply_masks`: AES-CTR has random access
   (the keystream at word ``w`` starts at counter block ``w // 4``) and the
   encoding draws one rounding word per value at the value's own offset, so
@@ -40,8 +50,9 @@ How it works:
   (``tests/test_secagg_parallel.py``).
 * **Fallback**: vectors below :data:`PARALLEL_MIN_WORDS`, a machine with one
   usable CPU, an explicit ``threads=`` request, ``WHARF_SECAGG_HELPER=0``, a
-  helper that is still starting, busy with another call, or failed to start —
-  all run the in-process kernel. A helper that dies or misbehaves during a
+  helper that is still starting, busy with another call, or failed to start,
+  no room in ``/dev/shm`` (a container's default is 64 MiB) — all run the
+  in-process kernel. A helper that dies or misbehaves during a
   call is discarded and its range is masked in process, so a call never fails
   because of the helper.
 """
@@ -83,6 +94,18 @@ cost more than the second core saves (measured: benchmarks/results)."""
 SPLIT_ALIGN = 4096
 """The split point is a multiple of this many values (a multiple of 4: one AES block)."""
 
+STAGE_FIRST_WORDS = 32768
+"""The first block of the helper's input staged before it can start (one chunk); blocks
+then double up to :data:`STAGE_MAX_WORDS`, so the helper starts at once and the pipe
+carries only a few dozen progress messages even at 10^7 values."""
+
+STAGE_MAX_WORDS = 1 << 20
+
+REPORT_WORDS = 1 << 18
+"""The helper reports finished output every this many values, so a parent that is done
+with its own part copies the helper's finished blocks back while it waits. (Copying them
+*between* the parent's own chunks was measured slower: it evicts the chunk working set.)"""
+
 START_TIMEOUT_S = 60.0
 """How long a starting helper may take to say it is ready."""
 
@@ -94,16 +117,22 @@ ENV_SWITCH = "WHARF_SECAGG_HELPER"
 
 _log = logging.getLogger(__name__)
 
-# Parent -> helper: b"A" + segment name (map it) | b"J" + job | b"Q" (exit).
-# Helper -> parent: b"R" (ready) | b"A" (mapped) | b"D" + seconds (done) |
+# Parent -> helper: b"A" + segment name (map it) | b"Q" (exit) |
+#                   b"J" + job, then b"P" + position ... (input staged up to position; the
+#                   last one is the end of the helper's range).
+# Helper -> parent: b"R" (ready) | b"A" (mapped) | b"O" + position (output final up to
+#                   position) ... then exactly one of b"D" + times (done) |
 #                   b"E" + message (the input was refused: ValueError) |
-#                   b"X" + message (helper fault) | b"C" (input zeroed, idle).
+#                   b"X" + message (helper fault); then b"C" (input zeroed, idle).
 _JOB = struct.Struct("<QQQIHH?16sI")
 """lo, hi, input-region end, chunk words, #add keys, #sub keys, has source, rounding key,
 #pieces."""
 _PIECE = struct.Struct("<QQQdq?cH")
 """start, count, segment offset, scale, bound, exact, dtype code, name length (then name)."""
-_DONE = struct.Struct("<d")
+_POS = struct.Struct("<Q")
+_DONE = struct.Struct("<ddd")
+"""Helper's clock (``perf_counter``, system-wide monotonic): job received, done; and the
+seconds it spent waiting for staged input."""
 _DTYPES: dict[bytes, np.dtype[Any]] = {
     b"f": np.dtype(np.float32),
     b"d": np.dtype(np.float64),
@@ -127,6 +156,15 @@ def _enabled() -> bool:
 
 def _aligned(x: int) -> int:
     return -(-x // _ALIGN_BYTES) * _ALIGN_BYTES
+
+
+def _room_for(nbytes: int) -> bool:
+    """Whether ``/dev/shm`` (where POSIX shared memory lives on Linux) has ``nbytes`` free."""
+    try:
+        st = os.statvfs("/dev/shm")  # noqa: S108 - only reads free space, creates nothing
+    except OSError:
+        return True  # not Linux-like: let creating the segment decide
+    return st.f_bavail * st.f_frsize >= nbytes + (16 << 20)
 
 
 def _buffer(shm: SharedMemory) -> memoryview:
@@ -153,6 +191,67 @@ class _ShippedSource:
         return EncodingCursor(cast(EncodingSource, self), start)
 
 
+class _Pipeline:
+    """The helper's side of one job's progress messages.
+
+    Before each chunk: report the output finished so far (every
+    :data:`REPORT_WORDS` values) and wait until the parent has staged the
+    chunk's input. Waiting reads the pipe, and a pipe read or write is a
+    system call, hence a full memory barrier: the staged bytes are visible.
+    """
+
+    def __init__(self, conn: Connection, lo: int, hi: int) -> None:
+        self.conn, self.hi = conn, hi
+        self.staged = lo
+        self.reported = lo
+        self.waited = 0.0
+
+    def wait_input(self, upto: int) -> None:
+        if self.staged >= upto:
+            return
+        t0 = time.perf_counter()
+        while self.staged < upto:
+            msg = self.conn.recv_bytes()
+            if msg[:1] != b"P" or len(msg) != 1 + _POS.size:
+                raise RuntimeError("expected a staging message")
+            (self.staged,) = _POS.unpack_from(msg, 1)
+        self.waited += time.perf_counter() - t0
+
+    def report(self, done: int) -> None:
+        if done - self.reported >= REPORT_WORDS:
+            self.conn.send_bytes(b"O" + _POS.pack(done))
+            self.reported = done
+
+    def drain(self) -> None:
+        """Read the staging messages still due, whatever happened to the job."""
+        self.wait_input(self.hi)
+
+
+class _PipelinedSource:
+    """Wraps the helper's source (or none, when unmasking) with :class:`_Pipeline` waits."""
+
+    def __init__(self, pipeline: _Pipeline, inner: _ShippedSource | None) -> None:
+        self.pipeline, self.inner = pipeline, inner
+
+    def cursor(self, start: int) -> _PipelinedCursor:
+        return _PipelinedCursor(self, start)
+
+
+class _PipelinedCursor:
+    def __init__(self, source: _PipelinedSource, start: int) -> None:
+        self.pipeline = source.pipeline
+        self.inner = source.inner.cursor(start) if source.inner is not None else None
+        self.pos = start
+
+    def fill(self, out: NDArray[np.uint32]) -> None:
+        end = self.pos + out.shape[0]
+        self.pipeline.report(self.pos)  # every value before pos is final
+        self.pipeline.wait_input(end)
+        if self.inner is not None:
+            self.inner.fill(out)  # encode; without a source the staged values stay
+        self.pos = end
+
+
 def _input_region(msg: bytes, size: int) -> tuple[int, int]:
     """Byte range of the clear input a job put in the segment (to zero after the job)."""
     lo, hi, in_end = struct.unpack_from("<QQQ", msg, 1)
@@ -160,33 +259,37 @@ def _input_region(msg: bytes, size: int) -> tuple[int, int]:
     return min(start, size), min(in_end, size)
 
 
-def _run_job(buf: memoryview, msg: bytes) -> float:
-    """Mask the helper's range as described by ``msg``; returns the compute seconds."""
+def _run_job(conn: Connection, buf: memoryview, msg: bytes) -> tuple[float, float]:
+    """Mask the helper's range as ``msg`` describes; returns (finish time, seconds waited)."""
     lo, hi, in_end, chunk_words, n_add, n_sub, has_source, rkey, n_pieces = _JOB.unpack_from(msg, 1)
-    pos = 1 + _JOB.size
-    n_keys = n_add + n_sub
-    keys = [msg[pos + PRG_KEY_BYTES * i : pos + PRG_KEY_BYTES * (i + 1)] for i in range(n_keys)]
-    pos += PRG_KEY_BYTES * n_keys
-    m = hi - lo
-    in_start = _aligned(4 * m)
-    if lo % 4 or hi < lo or 4 * m > len(buf) or in_end > len(buf) or chunk_words % 4:
-        raise RuntimeError("malformed job")
-    pieces: list[_Piece] = []
-    for _ in range(n_pieces):
-        start, count, off, scale, bound, exact, code, name_len = _PIECE.unpack_from(msg, pos)
-        pos += _PIECE.size
-        name = msg[pos : pos + name_len].decode("utf-8")
-        pos += name_len
-        dtype = _DTYPES[code]
-        if off < in_start or off + count * dtype.itemsize > in_end:
-            raise RuntimeError("piece outside the input region")
-        view = np.frombuffer(buf, dtype=dtype, count=count, offset=off)
-        pieces.append(_Piece(start, view, Segment(name, count, scale, bound, exact)))
-    source = _ShippedSource(tuple(pieces), rkey) if has_source else None
-    out = np.frombuffer(buf, dtype=np.uint32, count=m)
-    t0 = time.perf_counter()
-    mask_range(out, lo, hi, keys[:n_add], keys[n_add:], source, chunk_words, offset=lo)
-    return time.perf_counter() - t0
+    pipeline = _Pipeline(conn, lo, hi)
+    try:
+        pos = 1 + _JOB.size
+        n_keys = n_add + n_sub
+        keys = [msg[pos + PRG_KEY_BYTES * i : pos + PRG_KEY_BYTES * (i + 1)] for i in range(n_keys)]
+        pos += PRG_KEY_BYTES * n_keys
+        m = hi - lo
+        in_start = _aligned(4 * m)
+        if lo % 4 or hi < lo or 4 * m > len(buf) or in_end > len(buf) or chunk_words % 4:
+            raise RuntimeError("malformed job")
+        pieces: list[_Piece] = []
+        for _ in range(n_pieces):
+            start, count, off, scale, bound, exact, code, name_len = _PIECE.unpack_from(msg, pos)
+            pos += _PIECE.size
+            name = msg[pos : pos + name_len].decode("utf-8")
+            pos += name_len
+            dtype = _DTYPES[code]
+            if off < in_start or off + count * dtype.itemsize > in_end:
+                raise RuntimeError("piece outside the input region")
+            view = np.frombuffer(buf, dtype=dtype, count=count, offset=off)
+            pieces.append(_Piece(start, view, Segment(name, count, scale, bound, exact)))
+        inner = _ShippedSource(tuple(pieces), rkey) if has_source else None
+        source = _PipelinedSource(pipeline, inner)
+        out = np.frombuffer(buf, dtype=np.uint32, count=m)
+        mask_range(out, lo, hi, keys[:n_add], keys[n_add:], source, chunk_words, offset=lo)
+        return time.perf_counter(), pipeline.waited
+    finally:
+        pipeline.drain()
 
 
 def _helper_main(conn: Connection) -> None:
@@ -211,14 +314,16 @@ def _helper_main(conn: Connection) -> None:
                 conn.send_bytes(b"A")
                 continue
             if kind != b"J" or shm is None or len(msg) < 1 + _JOB.size:
-                conn.send_bytes(b"Xunexpected message")
-                continue
+                raise RuntimeError("unexpected message")  # out of step: exit, be replaced
+            received = time.perf_counter()
             in_start, in_end = _input_region(msg, shm.size)
             try:
-                seconds = _run_job(_buffer(shm), msg)
-                reply = b"D" + _DONE.pack(seconds)
+                done, waited = _run_job(conn, _buffer(shm), msg)
+                reply = b"D" + _DONE.pack(received, done, waited)
             except ValueError as exc:  # refused input (NaN): the parent raises it
                 reply = b"E" + str(exc).encode("utf-8")
+            except (EOFError, OSError):
+                break
             except Exception as exc:
                 reply = b"X" + f"{type(exc).__name__}: {exc}".encode()[:500]
             conn.send_bytes(reply)
@@ -247,6 +352,44 @@ class _Planned:
 
 class HelperFailed(RuntimeError):
     """The helper process did not answer as it should (it is discarded)."""
+
+
+class _Collector:
+    """The parent's side of one job's answers: copies reported output, keeps the final one.
+
+    :meth:`finish` waits for the final answer (``D``, ``E`` or ``X``), copying the
+    output blocks the helper reports finished meanwhile.
+    """
+
+    def __init__(
+        self, conn: Connection, shared: NDArray[np.uint32], out: NDArray[np.uint32], mid: int
+    ) -> None:
+        self.conn, self.shared, self.out, self.mid = conn, shared, out, mid
+        self.copied = mid
+        self.copy_s = 0.0
+        self.copying = True
+        self.final: bytes | None = None
+
+    def _take(self, msg: bytes) -> None:
+        if msg[:1] != b"O" or len(msg) != 1 + _POS.size:
+            self.final = msg
+            return
+        (pos,) = _POS.unpack_from(msg, 1)
+        if self.copying and self.copied < pos <= self.out.shape[0]:
+            t0 = time.perf_counter()
+            self.out[self.copied : pos] = self.shared[self.copied - self.mid : pos - self.mid]
+            self.copy_s += time.perf_counter() - t0
+            self.copied = pos
+
+    def finish(self, timeout: float) -> bytes:
+        while self.final is None:
+            try:
+                if not self.conn.poll(timeout):
+                    raise HelperFailed(f"no answer within {timeout:.0f} s")
+                self._take(self.conn.recv_bytes())
+            except (EOFError, OSError, HelperFailed) as exc:
+                self.final = b"X" + str(exc).encode()
+        return self.final
 
 
 class MaskHelper:
@@ -393,13 +536,31 @@ class MaskHelper:
                 raise HelperFailed("unexpected answer while waiting for the helper to finish")
             self._dirty = False
 
-    def _ensure_capacity(self, size: int) -> SharedMemory:
+    def _ensure_capacity(self, size: int) -> SharedMemory | None:
+        """The segment, grown to ``size`` bytes if needed; ``None`` if there is no room.
+
+        The new segment's pages are reserved at once (``posix_fallocate``): a full
+        ``/dev/shm`` (64 MiB by default in containers) must show up here as "no room",
+        not later as a ``SIGBUS`` while writing the vector.
+        """
         shm = self._shm
         if shm is not None and shm.size >= size:
             return shm
         grown = max(size, int(1.5 * shm.size) if shm is not None else 0)
         grown = -(-grown // (1 << 20)) * (1 << 20)
+        if not _room_for(grown):
+            grown = -(-size // (1 << 20)) * (1 << 20)
+            if not _room_for(grown):
+                return None
         new = SharedMemory(create=True, size=grown)
+        try:
+            fd = getattr(new, "_fd", -1)
+            if fd >= 0 and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, grown)
+        except OSError:
+            new.close()
+            new.unlink()
+            return None
         try:
             assert self._conn is not None
             self._conn.send_bytes(b"A" + new.name.encode("ascii"))
@@ -481,6 +642,8 @@ class MaskHelper:
             except (HelperFailed, OSError) as exc:
                 self._fail(str(exc))
                 return False
+            if shm is None:  # no room in shared memory for this vector: mask in process
+                return False
             self._run(shm, out, mid, add_keys, sub_keys, enc, chunk_words, plan, in_end)
             self.calls += 1
             return True
@@ -528,6 +691,33 @@ class MaskHelper:
             job += name
         return bytes(job)
 
+    def _stage(
+        self,
+        buf: memoryview,
+        shared: NDArray[np.uint32],
+        out: NDArray[np.uint32],
+        mid: int,
+        plan: list[_Planned],
+        unmasking: bool,
+    ) -> None:
+        """Copy the helper's input in growing blocks, announcing each over the pipe."""
+        assert self._conn is not None
+        n = out.shape[0]
+        a, block = mid, STAGE_FIRST_WORDS
+        while a < n:
+            b = min(a + block, n)
+            if unmasking:  # the helper's input is the current contents of out
+                shared[a - mid : b - mid] = out[a:b]
+            for p in plan:
+                lo, hi = max(a, p.start), min(b, p.start + p.src.size)
+                if lo < hi:
+                    off = p.offset + (lo - p.start) * p.dtype.itemsize
+                    view = np.frombuffer(buf, dtype=p.dtype, count=hi - lo, offset=off)
+                    np.copyto(view, p.src[lo - p.start : hi - p.start], casting="unsafe")
+                    del view
+            self._conn.send_bytes(b"P" + _POS.pack(b))
+            a, block = b, min(2 * block, STAGE_MAX_WORDS)
+
     def _run(
         self,
         shm: SharedMemory,
@@ -544,57 +734,61 @@ class MaskHelper:
         m = n - mid
         buf = _buffer(shm)
         shared = np.frombuffer(buf, dtype=np.uint32, count=m)
-        t_stage = time.perf_counter()
         try:
+            job = self._job(mid, n, in_end, chunk_words, add_keys, sub_keys, source, plan)
+            assert self._conn is not None
+            t_send = time.perf_counter()
             try:
-                if source is None:
-                    shared[:] = out[mid:]
-                for p in plan:
-                    view = np.frombuffer(buf, dtype=p.dtype, count=p.src.size, offset=p.offset)
-                    np.copyto(view, p.src, casting="unsafe")
-                    del view
-                job = self._job(mid, n, in_end, chunk_words, add_keys, sub_keys, source, plan)
-                assert self._conn is not None
-                self._conn.send_bytes(job)
+                self._conn.send_bytes(job)  # first: the helper wakes up while we stage
+                self._dirty = True
+                self._stage(buf, shared, out, mid, plan, source is None)
             except BaseException as exc:
                 start = _aligned(4 * m)
                 if in_end > start:  # the clear input must not linger
                     np.frombuffer(buf, np.uint8, in_end - start, start).fill(0)
+                self._fail(f"staging failed: {exc!r}")
                 if not isinstance(exc, OSError):
                     raise
-                self._fail(f"pipe: {exc!r}")
                 mask_range(out, 0, n, add_keys, sub_keys, source, chunk_words)
                 return
-            self._dirty = True
+            t_staged = time.perf_counter()
             mine: ValueError | None = None
+            collector = _Collector(self._conn, shared, out, mid)
             try:
-                t0 = time.perf_counter()
                 try:
                     mask_range(out, 0, mid, add_keys, sub_keys, source, chunk_words)
                 except ValueError as exc:
                     mine = exc
-                t1 = time.perf_counter()
-                parent_s = t1 - t0
-                try:
-                    reply = self._recv(REPLY_TIMEOUT_S)
-                except HelperFailed as exc:
-                    reply = b"X" + str(exc).encode()
-                t2 = time.perf_counter()
+                    collector.copying = False
+                t_own = time.perf_counter()
+                reply = collector.finish(REPLY_TIMEOUT_S)
+                copied, copy_s = collector.copied, collector.copy_s
             except BaseException:
                 self._fail("interrupted during a call")
                 raise
+            t_reply = time.perf_counter()
             kind, body = reply[:1], reply[1:]
             if kind == b"D" and len(body) == _DONE.size:
                 if mine is None:
-                    out[mid:] = shared
-                    (helper_s,) = _DONE.unpack(body)
-                    self._adapt(mid / max(parent_s, 1e-9), m / max(helper_s, 1e-9))
+                    out[copied:] = shared[copied - mid :]
+                    received, done, waited = _DONE.unpack(body)
+                    t_end = time.perf_counter()
+                    self._adapt(
+                        n,
+                        m,
+                        t_staged - t_send,
+                        t_own - t_staged,
+                        copy_s + (t_end - t_reply),
+                        done - received - waited,
+                        received - t_send,
+                    )
                     self.last_timings = {
-                        "stage_s": t0 - t_stage,
-                        "parent_s": parent_s,
-                        "wait_s": t2 - t1,
-                        "copy_out_s": time.perf_counter() - t2,
-                        "helper_s": helper_s,
+                        "stage_s": t_staged - t_send,
+                        "parent_s": t_own - t_staged,
+                        "wait_s": t_reply - t_own - copy_s,
+                        "copy_out_s": copy_s + (t_end - t_reply),
+                        "helper_s": done - received - waited,
+                        "helper_start_s": received - t_send,
                         "helper_values": m,
                         "values": n,
                     }
@@ -610,11 +804,32 @@ class MaskHelper:
         finally:
             del shared, buf
 
-    def _adapt(self, parent_rate: float, helper_rate: float) -> None:
-        """Move the split towards equal finishing times (values per second of each side)."""
-        if parent_rate <= 0 or helper_rate <= 0 or not math.isfinite(parent_rate + helper_rate):
+    def _adapt(
+        self,
+        n: int,
+        m: int,
+        stage_s: float,
+        parent_s: float,
+        copy_s: float,
+        helper_s: float,
+        helper_start_s: float,
+    ) -> None:
+        """Move the split so that both sides finish together next time.
+
+        Per value: the parent computes in ``a_p`` seconds and stages and copies
+        the helper's values in ``c``; the helper computes in ``a_h`` after a
+        start-up delay ``L``. Both finish together when
+        ``c·m + a_p·(n − m) = L + a_h·m``.
+        """
+        mid = n - m
+        if mid <= 0 or m <= 0 or parent_s <= 0 or helper_s <= 0:
             return
-        target = helper_rate / (parent_rate + helper_rate)
+        a_p, a_h, c = parent_s / mid, helper_s / m, (stage_s + copy_s) / m
+        lag = max(0.0, helper_start_s)
+        denom = a_p + a_h - c
+        if denom <= 0 or not math.isfinite(denom + lag):
+            return
+        target = (a_p * n - lag) / denom / n
         self.share = min(0.85, max(0.15, 0.5 * self.share + 0.5 * target))
 
 
