@@ -144,3 +144,30 @@ def test_no_numpy_random_generator_in_secret_code() -> None:
         assert "np.random" not in text and "numpy.random" not in text, path
         assert "pickle" not in text, path
         assert "import random" not in text, path
+
+
+def test_scratch_buffers_shared_by_cursors_of_one_thread_are_safe() -> None:
+    """Cursors of one thread share scratch buffers; interleaving them changes nothing."""
+    from wharf.algorithms.secagg import Segment, VectorLayout
+
+    n = 70_000
+    layout = VectorLayout([Segment.real("u", n, 1.0, 20)], 10)
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    ka, kb = os.urandom(16), os.urandom(16)
+    cur_a = layout.source({"u": a}, ka).cursor(0)
+    cur_b = layout.source({"u": b}, kb).cursor(0)
+    out_a, out_b = np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.uint32)
+    for start in range(0, n, 8192):
+        cur_a.fill(out_a[start : start + 8192])
+        cur_b.fill(out_b[start : start + 8192])
+    assert np.array_equal(out_a, layout.encode({"u": a}, ka))
+    assert np.array_equal(out_b, layout.encode({"u": b}, kb))
+    # and the kernel with different chunk sizes in turn (separate scratch per size)
+    keys = [os.urandom(16) for _ in range(3)]
+    ref = np.zeros(n, dtype=np.uint32)
+    apply_masks(ref, keys, threads=1)
+    for chunk in (4096, 32768, 4096, 131072):
+        out = np.zeros(n, dtype=np.uint32)
+        apply_masks(out, keys, threads=1, chunk_words=chunk)
+        assert np.array_equal(out, ref)

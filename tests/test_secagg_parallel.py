@@ -362,3 +362,29 @@ def test_no_room_in_shared_memory_falls_back_and_keeps_the_helper(
     assert not out.any() and helper.alive
     apply_masks_parallel(out, add, helper=helper, min_words=1)
     assert np.array_equal(out, _reference(n, add, []))
+
+
+@pytest.mark.parametrize("with_source", [True, False])
+def test_parent_steals_from_a_lagging_helper_bit_identically(
+    helper: MaskHelper, with_source: bool
+) -> None:
+    """Give the helper far too much: the parent finishes early and takes blocks back from
+    the end of the helper's range; the output is still exactly apply_masks'."""
+    n = 1_500_001
+    layout = VectorLayout([Segment.real("update", n, 2.0, 20)], 10)
+    update = np.random.default_rng(9).uniform(-3, 3, n).astype(np.float32)
+    add, sub, key = _keys(3), _keys(3), os.urandom(16)
+    base = np.frombuffer(os.urandom(4 * n), dtype=np.uint32).copy()
+    ref = base.copy()
+    src = layout.source({"update": update}, key) if with_source else None
+    apply_masks(ref, add, sub, source=src, threads=1)
+    stolen = 0
+    for _ in range(3):  # a slow machine could let the helper catch up once
+        helper.share = 0.85
+        out = base.copy()
+        src = layout.source({"update": update}, key) if with_source else None
+        assert helper.apply(out, add, sub, source=src)
+        assert np.array_equal(out, ref)
+        stolen = max(stolen, int(helper.last_timings["stolen_values"]))
+    assert stolen > 0
+    helper.share = 0.5

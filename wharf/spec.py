@@ -100,6 +100,50 @@ class BundleSection:
 
 
 @dataclass(frozen=True)
+class RecordLevelDP:
+    """DP-SGD inside each node: per-sample clipping, Gaussian noise, Poisson sampling.
+
+    Give ``epsilon`` (the node calibrates the noise to its own dataset size so the whole
+    job spends exactly that) or ``noise_multiplier`` (the node reports the epsilon it
+    yields); not both. ``clip`` is the per-sample gradient L2 bound.
+    """
+
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    noise_multiplier: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParticipantLevelDP:
+    """Distributed DP over whole participants: clipped updates plus Skellam noise shares.
+
+    Each node clips its model update to L2 norm ``clip`` and adds its share of discrete
+    noise before masking; shares are sized so the sum of any ``min_contributors`` nodes
+    (0: ``federation.min_nodes``) already carries the full noise. Give ``epsilon`` or
+    ``noise_multiplier`` (noise standard deviation of the sum / ``clip``), not both.
+    """
+
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    noise_multiplier: float = 0.0
+    min_contributors: int = 0
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    """Differential privacy of the job; either level, both, or neither."""
+
+    record_level: RecordLevelDP | None = None
+    participant_level: ParticipantLevelDP | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.record_level is not None or self.participant_level is not None
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A validated job spec."""
 
@@ -110,12 +154,20 @@ class JobSpec:
     training: TrainingSection = field(default_factory=TrainingSection)
     federation: FederationSection = field(default_factory=FederationSection)
     bundle: BundleSection = field(default_factory=BundleSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (lists, not tuples), without the client-only bundle path."""
+        """Plain dict (lists, not tuples), without the client-only bundle path.
+
+        ``privacy`` keeps only the levels the job uses and is left out entirely when it
+        uses none, so jobs without DP keep the hash they had before DP existed.
+        """
         out = asdict(self)
         out["bundle"].pop("path", None)
+        privacy = {k: v for k, v in out.pop("privacy").items() if v is not None}
+        if privacy:
+            out["privacy"] = privacy
         return _lists(out)
 
     def canonical_json(self) -> str:
@@ -152,7 +204,11 @@ _SECTIONS: dict[str, type] = {
     "federation": FederationSection,
     "bundle": BundleSection,
 }
-_TOP_LEVEL = {"name", "purpose", "description", *_SECTIONS}
+_PRIVACY_LEVELS: dict[str, type] = {
+    "record_level": RecordLevelDP,
+    "participant_level": ParticipantLevelDP,
+}
+_TOP_LEVEL = {"name", "purpose", "description", "privacy", *_SECTIONS}
 
 
 def _coerce(where: str, annotation: str, value: Any) -> Any:
@@ -201,6 +257,41 @@ def _section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
+def _privacy(raw: Any) -> PrivacySection:
+    if not isinstance(raw, Mapping):
+        raise SpecError("[privacy] must be a table")
+    unknown = sorted(set(raw) - set(_PRIVACY_LEVELS))
+    if unknown:
+        raise SpecError(
+            f"unknown field privacy.{unknown[0]}; valid fields of [privacy]: "
+            f"{', '.join(_PRIVACY_LEVELS)}"
+        )
+    levels = {
+        key: _section(f"privacy.{key}", _PRIVACY_LEVELS[key], value)
+        for key, value in raw.items()
+        if value is not None
+    }
+    return PrivacySection(**levels)
+
+
+def _validate_dp(where: str, level: RecordLevelDP | ParticipantLevelDP) -> None:
+    if (level.epsilon > 0) == (level.noise_multiplier > 0):
+        raise SpecError(
+            f"{where} needs exactly one of epsilon (a target the noise is calibrated to) "
+            "or noise_multiplier (the epsilon is reported); both must be > 0 when given"
+        )
+    if level.epsilon < 0 or level.noise_multiplier < 0:
+        raise SpecError(f"{where}.epsilon and noise_multiplier must not be negative")
+    if level.epsilon > 100:
+        raise SpecError(f"{where}.epsilon must be at most 100 (larger is no guarantee at all)")
+    if level.noise_multiplier > 1000:
+        raise SpecError(f"{where}.noise_multiplier must be at most 1000")
+    if not 0 < level.delta < 0.1:
+        raise SpecError(f"{where}.delta must be in (0, 0.1); use 1/(10 x rows) or less")
+    if not 0 < level.clip <= 1e6:
+        raise SpecError(f"{where}.clip must be in (0, 1e6]")
+
+
 def from_dict(raw: Mapping[str, Any]) -> JobSpec:
     """Validate a spec given as a mapping (parsed TOML or JSON)."""
     if not isinstance(raw, Mapping):
@@ -214,6 +305,7 @@ def from_dict(raw: Mapping[str, Any]) -> JobSpec:
         if key not in raw:
             raise SpecError(f"missing required field {key!r}")
     sections = {name: _section(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    sections["privacy"] = _privacy(raw.get("privacy", {}))
     spec = JobSpec(
         name=_coerce("name", "str", raw["name"]),
         purpose=_coerce("purpose", "str", raw["purpose"]),
@@ -275,6 +367,24 @@ def validate(spec: JobSpec) -> None:
         )
     if f.round_timeout_s <= 0 or f.wait_for_nodes_s < 0 or f.max_round_retries < 0:
         raise SpecError("federation timeouts and retries must be positive")
+    p = spec.privacy
+    if p.record_level is not None:
+        _validate_dp("privacy.record_level", p.record_level)
+        if m.kind == "bundle":
+            raise SpecError(
+                "privacy.record_level needs a built-in model (DP-SGD runs in Wharf's own "
+                "trainer, not in a bundle's train_step)"
+            )
+    if p.participant_level is not None:
+        pl = p.participant_level
+        _validate_dp("privacy.participant_level", pl)
+        if not f.secure:
+            raise SpecError(
+                "privacy.participant_level needs federation.secure = true (the noise is "
+                "split between nodes and only their masked sum carries all of it)"
+            )
+        if pl.min_contributors < 0 or (pl.min_contributors and pl.min_contributors < 2):
+            raise SpecError("privacy.participant_level.min_contributors must be 0 or >= 2")
     b = spec.bundle
     if m.kind == "bundle":
         if not ENTRY_RE.match(b.model):

@@ -15,11 +15,15 @@ Why this encoding:
   of accumulating. ``u`` comes from an AES-128-CTR keystream under a fresh
   ``os.urandom`` key, one 32-bit word ``r`` per value at the value's own
   offset (so chunking, threading and the helper process never change the
-  result for a given key): ``u = int32(r) / 2**32 + 1/2``, which is
-  ``((r + 2**31) mod 2**32) / 2**32`` exactly — uniform on the grid
-  ``k / 2**32`` like ``r / 2**32``, but ``int32 -> float64`` converts faster
-  than ``uint32 -> float64``. The rounding bits are secret: with a NumPy
-  generator an observer of the model could learn about the rounding noise.
+  result for a given key). It is computed as ``rint(y + v)`` with
+  ``v = int32(r) / 2**32``, uniform on the grid ``k / 2**32`` in
+  ``[-1/2, 1/2)``: that is ``floor(y + u)`` with ``u = v + 1/2`` except at an
+  exact tie (``y + v`` a half-integer, probability at most ``2**-32`` per
+  value), which rounds to even — a bias below ``2**-33`` of one step. One
+  NumPy pass cheaper than adding the ``1/2``, and ``int32 -> float64``
+  converts faster than ``uint32 -> float64``. The rounding bits are secret:
+  with a NumPy generator an observer of the model could learn about the
+  rounding noise.
 * **Segments**: extra values (sample count, metric sums) travel inside the
   same masked vector so they are revealed only in aggregate. Each segment
   has its own scale: :meth:`Segment.integer` encodes integers *exactly*
@@ -365,13 +369,13 @@ class EncodingCursor:
     def _quantize(
         self, src: NDArray[np.generic], seg: Segment, dst: NDArray[np.int32], roff: int
     ) -> None:
-        """``dst = floor(clip(src * scale) + u)``, ``u = int32(r) / 2**32 + 1/2`` (see module doc).
+        """``dst = rint(clip(src * scale) + v)``, ``v = int32(r) / 2**32`` (see module doc).
 
         Runs inside :meth:`fill`'s ``np.errstate(invalid="raise")``.
         """
         bound = float(seg.bound)
         scale = seg.scale
-        mul, add, clip, floor, copyto = np.multiply, np.add, np.clip, np.floor, np.copyto
+        mul, add, clip, rint, copyto = np.multiply, np.add, np.clip, np.rint, np.copyto
         try:
             # NaN survives clip and trips the float->int cast; +-inf clip like any
             # out-of-range value. No separate finiteness pass is needed.
@@ -379,14 +383,13 @@ class EncodingCursor:
                 hi = min(lo + QUANTIZE_BLOCK, src.shape[0])
                 f = self._f[: hi - lo]
                 g = self._g[: hi - lo]
-                mul(self._rwords[roff + lo : roff + hi], _I32_TO_UNIT, out=g)
-                add(g, 0.5, out=g)  # exact: u in [0, 1) on the 2**-32 grid
+                mul(self._rwords[roff + lo : roff + hi], _I32_TO_UNIT, out=g)  # v in [-1/2, 1/2)
                 # dtype: a float32 input times a Python float would multiply in
                 # float32 (NEP 50) and lose the fraction stochastic rounding needs.
                 mul(src[lo:hi], scale, out=f, dtype=np.float64)
                 clip(f, -bound, bound, out=f)
                 add(f, g, out=f)
-                floor(f, out=f)  # floor(y + u) in [-bound, bound]: stochastic rounding
+                rint(f, out=f)  # rint(y + v) = floor(y + u) but at ties: stochastic rounding
                 copyto(dst[lo:hi], f, casting="unsafe")
         except FloatingPointError:
             raise ValueError(f"segment {seg.name!r} contains NaN") from None

@@ -39,9 +39,10 @@ from numpy.typing import NDArray
 from .prg import PRG_KEY_BYTES, KeyStream
 
 DEFAULT_CHUNK_WORDS = 32768
-"""128 KiB of uint32 per chunk: the keystream buffer and the output chunk stay in
-L2 (measured best among 64–256 KiB on the reference CPU, an AMD EPYC with 512 KiB
-L2 per core). Per-call overhead makes smaller chunks slower, larger ones spill."""
+"""128 KiB of uint32 per chunk for one thread: the keystream buffer and the output chunk
+stay in L2 (an AMD EPYC with 512 KiB L2 per core here). The two-process path of
+:mod:`.parallel` uses its own, larger ``CHUNK_WORDS`` instead: with scratch buffers reused
+(see :func:`_scratch`) per-call overhead outweighs L2 locality when both cores work."""
 
 THREADED_CHUNK_WORDS = 131072
 """Chunk when two threads share the work: each chunk costs some twenty calls that

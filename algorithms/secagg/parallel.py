@@ -79,7 +79,6 @@ from numpy.typing import NDArray
 
 from .encoding import EncodingCursor, EncodingSource, Segment, _Piece
 from .mask import (
-    DEFAULT_CHUNK_WORDS,
     ChunkSource,
     apply_masks,
     check_mask_arguments,
@@ -91,20 +90,30 @@ PARALLEL_MIN_WORDS = 1 << 18
 """Below about a quarter of a million values the pipe round trip and the copies
 cost more than the second core saves (measured: benchmarks/results)."""
 
+CHUNK_WORDS = 1 << 18
+"""Chunk of both sides (256 Ki values, 1 MiB): with scratch buffers reused, per-call
+overhead outweighs L2 locality here. Measured on this machine (two processes, masking
+with quantisation, fraction of the AES limit at 10^6 / 10^7 values): 32 Ki 70 / 65 %,
+64 Ki 67 / 80 %, 128 Ki 62–67 / 74–79 %, 256 Ki 73–81 / 74–80 %."""
+
 SPLIT_ALIGN = 4096
 """The split point is a multiple of this many values (a multiple of 4: one AES block)."""
 
-STAGE_FIRST_WORDS = 32768
+STAGE_FIRST_WORDS = CHUNK_WORDS
 """The first block of the helper's input staged before it can start (one chunk); blocks
 then double up to :data:`STAGE_MAX_WORDS`, so the helper starts at once and the pipe
 carries only a few dozen progress messages even at 10^7 values."""
 
 STAGE_MAX_WORDS = 1 << 20
 
-REPORT_WORDS = 1 << 18
-"""The helper reports finished output every this many values, so a parent that is done
-with its own part copies the helper's finished blocks back while it waits. (Copying them
-*between* the parent's own chunks was measured slower: it evicts the chunk working set.)"""
+REPORT_WORDS = 1 << 16
+"""The helper reports finished output every this many values: a parent done with its own
+part copies those blocks back while it waits (copying them *between* its own chunks was
+measured slower: it evicts the chunk working set) and knows how far the helper has got."""
+
+STEAL_WORDS = CHUNK_WORDS
+"""Values the parent takes back per steal from the end of a helper that has fallen behind
+(a busy core, a late start); it steals while the helper has twice that left."""
 
 START_TIMEOUT_S = 60.0
 """How long a starting helper may take to say it is ready."""
@@ -119,7 +128,8 @@ _log = logging.getLogger(__name__)
 
 # Parent -> helper: b"A" + segment name (map it) | b"Q" (exit) |
 #                   b"J" + job, then b"P" + position ... (input staged up to position; the
-#                   last one is the end of the helper's range).
+#                   last one is the end of the helper's range), then b"S" + position ...
+#                   (stop before position: the parent masks from there on itself).
 # Helper -> parent: b"R" (ready) | b"A" (mapped) | b"O" + position (output final up to
 #                   position) ... then exactly one of b"D" + times (done) |
 #                   b"E" + message (the input was refused: ValueError) |
@@ -130,9 +140,9 @@ _JOB = struct.Struct("<QQQIHH?16sI")
 _PIECE = struct.Struct("<QQQdq?cH")
 """start, count, segment offset, scale, bound, exact, dtype code, name length (then name)."""
 _POS = struct.Struct("<Q")
-_DONE = struct.Struct("<ddd")
-"""Helper's clock (``perf_counter``, system-wide monotonic): job received, done; and the
-seconds it spent waiting for staged input."""
+_DONE = struct.Struct("<dddQ")
+"""Helper's clock (``perf_counter``, system-wide monotonic): job received, done; the
+seconds it spent waiting for staged input; where it stopped (the end of its output)."""
 _DTYPES: dict[bytes, np.dtype[Any]] = {
     b"f": np.dtype(np.float32),
     b"d": np.dtype(np.float64),
@@ -191,30 +201,50 @@ class _ShippedSource:
         return EncodingCursor(cast(EncodingSource, self), start)
 
 
+class _Stopped(Exception):
+    """The parent took over the rest of the helper's range from ``pos`` on."""
+
+    def __init__(self, pos: int) -> None:
+        super().__init__(pos)
+        self.pos = pos
+
+
 class _Pipeline:
     """The helper's side of one job's progress messages.
 
-    Before each chunk: report the output finished so far (every
-    :data:`REPORT_WORDS` values) and wait until the parent has staged the
-    chunk's input. Waiting reads the pipe, and a pipe read or write is a
-    system call, hence a full memory barrier: the staged bytes are visible.
+    Before each chunk: take in the parent's messages (staging progress, stop
+    positions), stop if the parent has taken over from here, report the output
+    finished so far (every :data:`REPORT_WORDS` values), and wait until the
+    chunk's input is staged. A pipe read or write is a system call, hence a
+    full memory barrier: the staged bytes are visible once announced.
     """
 
     def __init__(self, conn: Connection, lo: int, hi: int) -> None:
         self.conn, self.hi = conn, hi
         self.staged = lo
         self.reported = lo
+        self.stop = hi
         self.waited = 0.0
+
+    def _take(self, msg: bytes) -> None:
+        if len(msg) != 1 + _POS.size or msg[:1] not in (b"P", b"S"):
+            raise RuntimeError("expected a staging or stop message")
+        (pos,) = _POS.unpack_from(msg, 1)
+        if msg[:1] == b"P":
+            self.staged = pos
+        else:
+            self.stop = min(self.stop, pos)
+
+    def poll(self) -> None:
+        while self.conn.poll(0):
+            self._take(self.conn.recv_bytes())
 
     def wait_input(self, upto: int) -> None:
         if self.staged >= upto:
             return
         t0 = time.perf_counter()
         while self.staged < upto:
-            msg = self.conn.recv_bytes()
-            if msg[:1] != b"P" or len(msg) != 1 + _POS.size:
-                raise RuntimeError("expected a staging message")
-            (self.staged,) = _POS.unpack_from(msg, 1)
+            self._take(self.conn.recv_bytes())
         self.waited += time.perf_counter() - t0
 
     def report(self, done: int) -> None:
@@ -228,7 +258,7 @@ class _Pipeline:
 
 
 class _PipelinedSource:
-    """Wraps the helper's source (or none, when unmasking) with :class:`_Pipeline` waits."""
+    """Wraps the helper's source (or none, when unmasking) with :class:`_Pipeline` steps."""
 
     def __init__(self, pipeline: _Pipeline, inner: _ShippedSource | None) -> None:
         self.pipeline, self.inner = pipeline, inner
@@ -244,9 +274,13 @@ class _PipelinedCursor:
         self.pos = start
 
     def fill(self, out: NDArray[np.uint32]) -> None:
-        end = self.pos + out.shape[0]
-        self.pipeline.report(self.pos)  # every value before pos is final
-        self.pipeline.wait_input(end)
+        pipeline, pos = self.pipeline, self.pos
+        pipeline.poll()
+        if pos >= pipeline.stop:
+            raise _Stopped(pos)  # before touching this chunk: the parent masks it
+        pipeline.report(pos)  # every value before pos is final
+        end = pos + out.shape[0]
+        pipeline.wait_input(end)
         if self.inner is not None:
             self.inner.fill(out)  # encode; without a source the staged values stay
         self.pos = end
@@ -259,8 +293,12 @@ def _input_region(msg: bytes, size: int) -> tuple[int, int]:
     return min(start, size), min(in_end, size)
 
 
-def _run_job(conn: Connection, buf: memoryview, msg: bytes) -> tuple[float, float]:
-    """Mask the helper's range as ``msg`` describes; returns (finish time, seconds waited)."""
+def _run_job(conn: Connection, buf: memoryview, msg: bytes) -> tuple[float, float, int]:
+    """Mask the helper's range as ``msg`` describes.
+
+    Returns the finish time, the seconds spent waiting for staged input, and where the
+    output ends (the range's end, or where the parent took over).
+    """
     lo, hi, in_end, chunk_words, n_add, n_sub, has_source, rkey, n_pieces = _JOB.unpack_from(msg, 1)
     pipeline = _Pipeline(conn, lo, hi)
     try:
@@ -286,8 +324,12 @@ def _run_job(conn: Connection, buf: memoryview, msg: bytes) -> tuple[float, floa
         inner = _ShippedSource(tuple(pieces), rkey) if has_source else None
         source = _PipelinedSource(pipeline, inner)
         out = np.frombuffer(buf, dtype=np.uint32, count=m)
-        mask_range(out, lo, hi, keys[:n_add], keys[n_add:], source, chunk_words, offset=lo)
-        return time.perf_counter(), pipeline.waited
+        end = hi
+        try:
+            mask_range(out, lo, hi, keys[:n_add], keys[n_add:], source, chunk_words, offset=lo)
+        except _Stopped as stopped:
+            end = stopped.pos
+        return time.perf_counter(), pipeline.waited, end
     finally:
         pipeline.drain()
 
@@ -296,16 +338,15 @@ def _helper_main(conn: Connection) -> None:
     """The helper process: map the segment it is sent, mask the ranges it is asked to."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     shm: SharedMemory | None = None
-    conn.send_bytes(b"R")
     try:
+        conn.send_bytes(b"R")
         while True:
-            try:
-                msg = conn.recv_bytes()
-            except (EOFError, OSError):
-                break
+            msg = conn.recv_bytes()
             kind = msg[:1]
             if kind == b"Q":
                 break
+            if kind == b"S":  # a stop that arrived after the job had ended: nothing to do
+                continue
             if kind == b"A":
                 new = SharedMemory(name=msg[1:].decode("ascii"))
                 if shm is not None:
@@ -318,18 +359,22 @@ def _helper_main(conn: Connection) -> None:
             received = time.perf_counter()
             in_start, in_end = _input_region(msg, shm.size)
             try:
-                done, waited = _run_job(conn, _buffer(shm), msg)
-                reply = b"D" + _DONE.pack(received, done, waited)
+                done, waited, end = _run_job(conn, _buffer(shm), msg)
+                reply = b"D" + _DONE.pack(received, done, waited, end)
             except ValueError as exc:  # refused input (NaN): the parent raises it
                 reply = b"E" + str(exc).encode("utf-8")
             except (EOFError, OSError):
-                break
+                raise
             except Exception as exc:
                 reply = b"X" + f"{type(exc).__name__}: {exc}".encode()[:500]
-            conn.send_bytes(reply)
-            if in_end > in_start:  # the clear input must not linger
-                np.frombuffer(_buffer(shm), np.uint8, in_end - in_start, in_start).fill(0)
+            try:
+                conn.send_bytes(reply)
+            finally:
+                if in_end > in_start:  # the clear input must not linger
+                    np.frombuffer(_buffer(shm), np.uint8, in_end - in_start, in_start).fill(0)
             conn.send_bytes(b"C")
+    except (EOFError, OSError):
+        pass  # the parent closed the pipe or is gone: nothing left to do
     finally:
         if shm is not None:
             shm.close()
@@ -366,6 +411,8 @@ class _Collector:
     ) -> None:
         self.conn, self.shared, self.out, self.mid = conn, shared, out, mid
         self.copied = mid
+        self.helper_pos = mid
+        self.limit = out.shape[0]  # the parent masks [limit, n) itself
         self.copy_s = 0.0
         self.copying = True
         self.final: bytes | None = None
@@ -375,11 +422,25 @@ class _Collector:
             self.final = msg
             return
         (pos,) = _POS.unpack_from(msg, 1)
-        if self.copying and self.copied < pos <= self.out.shape[0]:
+        self.helper_pos = max(self.helper_pos, pos)
+        self.copy_to(pos)
+
+    def copy_to(self, pos: int) -> None:
+        """Copy the helper's output back up to ``pos`` (never past what the parent masks)."""
+        pos = min(pos, self.limit, self.out.shape[0])
+        if self.copying and self.copied < pos:
             t0 = time.perf_counter()
             self.out[self.copied : pos] = self.shared[self.copied - self.mid : pos - self.mid]
             self.copy_s += time.perf_counter() - t0
             self.copied = pos
+
+    def poll(self) -> None:
+        """Take in whatever the helper has sent, without waiting."""
+        try:
+            while self.final is None and self.conn.poll(0):
+                self._take(self.conn.recv_bytes())
+        except (EOFError, OSError) as exc:
+            self.final = b"X" + f"pipe closed: {exc!r}".encode()
 
     def finish(self, timeout: float) -> bytes:
         while self.final is None:
@@ -417,7 +478,9 @@ class MaskHelper:
         """Vectors masked with the helper's help (for tests and benchmarks)."""
         self.last_timings: dict[str, float] = {}
         """Where the last call's time went (seconds): staging the helper's input and the job,
-        the parent's own part, waiting for the helper, copying its output back."""
+        the parent's own part, then the tail (taking blocks back from a lagging helper,
+        waiting, copying its output back — of which copying); the helper's compute time and
+        start-up delay; how many values the parent took back."""
 
     # -------------------------------------------------------------- lifecycle
 
@@ -610,7 +673,7 @@ class MaskHelper:
         sub_keys: Sequence[bytes] = (),
         *,
         source: ChunkSource | None = None,
-        chunk_words: int = DEFAULT_CHUNK_WORDS,
+        chunk_words: int = CHUNK_WORDS,
     ) -> bool:
         """Like :func:`.mask.apply_masks`, with the helper masking part of ``out``.
 
@@ -754,42 +817,50 @@ class MaskHelper:
             t_staged = time.perf_counter()
             mine: ValueError | None = None
             collector = _Collector(self._conn, shared, out, mid)
+            end = n  # the parent masks [end, n) itself once it steals
             try:
                 try:
                     mask_range(out, 0, mid, add_keys, sub_keys, source, chunk_words)
+                    t_own = time.perf_counter()
+                    end = self._steal(collector, out, add_keys, sub_keys, source, chunk_words)
                 except ValueError as exc:
                     mine = exc
                     collector.copying = False
-                t_own = time.perf_counter()
+                    t_own = time.perf_counter()
+                t_stolen = time.perf_counter()
                 reply = collector.finish(REPLY_TIMEOUT_S)
-                copied, copy_s = collector.copied, collector.copy_s
             except BaseException:
                 self._fail("interrupted during a call")
                 raise
-            t_reply = time.perf_counter()
             kind, body = reply[:1], reply[1:]
             if kind == b"D" and len(body) == _DONE.size:
+                received, done, waited, h_end = _DONE.unpack(body)
                 if mine is None:
-                    out[copied:] = shared[copied - mid :]
-                    received, done, waited = _DONE.unpack(body)
+                    collector.copy_to(h_end)
+                    if h_end < end:  # cannot happen (the helper stops only at or past a stop)
+                        mask_range(out, h_end, end, add_keys, sub_keys, source, chunk_words)
                     t_end = time.perf_counter()
+                    copy_s = collector.copy_s
                     self._adapt(
                         n,
-                        m,
+                        mid,
+                        max(h_end, mid + 1) - mid,
                         t_staged - t_send,
                         t_own - t_staged,
-                        copy_s + (t_end - t_reply),
+                        copy_s,
                         done - received - waited,
-                        received - t_send,
+                        received - t_send + waited,  # when its compute could end
                     )
                     self.last_timings = {
                         "stage_s": t_staged - t_send,
                         "parent_s": t_own - t_staged,
-                        "wait_s": t_reply - t_own - copy_s,
-                        "copy_out_s": copy_s + (t_end - t_reply),
+                        "tail_s": t_end - t_own,
+                        "stolen_s": t_stolen - t_own,
+                        "copy_out_s": copy_s,
                         "helper_s": done - received - waited,
                         "helper_start_s": received - t_send,
                         "helper_values": m,
+                        "stolen_values": n - end,
                         "values": n,
                     }
             elif kind == b"E":
@@ -798,15 +869,51 @@ class MaskHelper:
             else:
                 self._fail(body.decode("utf-8", "replace") or "unexpected answer")
                 if mine is None:  # finish the helper's range here: the same bits
-                    mask_range(out, mid, n, add_keys, sub_keys, source, chunk_words)
+                    mask_range(out, mid, end, add_keys, sub_keys, source, chunk_words)
             if mine is not None:
                 raise mine
         finally:
             del shared, buf
 
+    def _steal(
+        self,
+        collector: _Collector,
+        out: NDArray[np.uint32],
+        add_keys: Sequence[bytes],
+        sub_keys: Sequence[bytes],
+        source: EncodingSource | None,
+        chunk_words: int,
+    ) -> int:
+        """Mask the top of a lagging helper's range here, block by block; returns where
+        the parent's part of it starts (``n`` if nothing was taken).
+
+        Each block is announced first (``S`` + position): the helper stops at its first
+        chunk at or past it. If it had already gone further, both computed the same
+        values — the same bits — so an overlap is harmless and a gap impossible.
+        """
+        assert self._conn is not None
+        n = out.shape[0]
+        end = n
+        while True:
+            collector.poll()
+            if collector.final is not None:
+                return end
+            ahead = collector.helper_pos + REPORT_WORDS  # it may be this far already
+            if end - ahead < 2 * STEAL_WORDS:
+                return end
+            start = (end - STEAL_WORDS) // SPLIT_ALIGN * SPLIT_ALIGN
+            try:
+                self._conn.send_bytes(b"S" + _POS.pack(start))
+            except OSError:
+                return end  # the helper is gone; finish() reports it
+            collector.limit = start
+            mask_range(out, start, end, add_keys, sub_keys, source, chunk_words)
+            end = start
+
     def _adapt(
         self,
         n: int,
+        mid: int,
         m: int,
         stage_s: float,
         parent_s: float,
@@ -816,12 +923,12 @@ class MaskHelper:
     ) -> None:
         """Move the split so that both sides finish together next time.
 
-        Per value: the parent computes in ``a_p`` seconds and stages and copies
-        the helper's values in ``c``; the helper computes in ``a_h`` after a
-        start-up delay ``L``. Both finish together when
-        ``c·m + a_p·(n − m) = L + a_h·m``.
+        Measured on the last call (the parent masked ``mid`` values, the helper
+        ``m``): per value, the parent computes in ``a_p`` seconds and stages and
+        copies the helper's values in ``c``; the helper computes in ``a_h``
+        after a delay ``L`` (start-up and waiting for staged input). Both finish
+        together when ``c·m + a_p·(n − m) = L + a_h·m``.
         """
-        mid = n - m
         if mid <= 0 or m <= 0 or parent_s <= 0 or helper_s <= 0:
             return
         a_p, a_h, c = parent_s / mid, helper_s / m, (stage_s + copy_s) / m
