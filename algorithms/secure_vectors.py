@@ -12,6 +12,16 @@ Two kinds of content:
   count, so ``w_i <= 1`` and the clip range stays meaningful), the exact
   example count ``n_i``, and metric sums scaled by ``1 / row_cap``. The
   coordinator recovers ``Σ n_i Δ_i / Σ n_i`` = the FedAvg mean.
+* **Training round with participant-level DP** (:func:`dp_update_layout`):
+  one exact integer segment holding the node's clipped, scaled, rounded update
+  plus its Skellam noise share (:mod:`wharf.algorithms.privacy.skellam`). No
+  example count and no metrics: with uniform weights the coordinator divides by
+  the (public) number of contributors, and every extra data-dependent value
+  would be a release outside the guarantee.
+* **Training round with record-level DP only**: :func:`update_layout` with
+  ``metrics=False`` — the update (DP-SGD output) weighted by the dataset's row
+  count, which the registration certificate already makes public, and no
+  metrics, for the same reason.
 * **Statistics round** (:func:`stats_layout`): per-feature sums and sums of
   squares have no public magnitude bound, so they are sent as *exact* fixed
   point integers split into several limbs (``q = Σ_j limb_j · 2^(k·j)``). Each
@@ -27,6 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import NDArray
 
+from wharf.algorithms.privacy.skellam import SkellamPlan
 from wharf.algorithms.secagg.encoding import Segment, VectorLayout
 from wharf.algorithms.secagg.params import SecAggParams
 
@@ -44,41 +55,67 @@ class VectorError(ValueError):
     """A node's values do not fit the agreed vector layout."""
 
 
-def update_layout(params: SecAggParams, num_params: int, row_cap: int) -> VectorLayout:
-    """Layout for one training round: update, example count, metric sums."""
+def update_layout(
+    params: SecAggParams, num_params: int, row_cap: int, *, metrics: bool = True
+) -> VectorLayout:
+    """Layout for one training round: update, example count, metric sums (unless DP)."""
     if row_cap < 1:
         raise ValueError("row_cap must be positive")
-    extras = [
-        Segment.integer("num_examples", 1, row_cap),
-        Segment.real("metrics", len(METRIC_NAMES), METRIC_CLIP, params.value_bits),
-    ]
+    extras = [Segment.integer("num_examples", 1, row_cap)]
+    if metrics:
+        extras.append(Segment.real("metrics", len(METRIC_NAMES), METRIC_CLIP, params.value_bits))
     return VectorLayout.for_update(num_params, params, extras)
 
 
 def update_inputs(
-    flat_delta: NDArray[np.float32], num_examples: int, metrics: Mapping[str, float], row_cap: int
+    flat_delta: NDArray[np.float32],
+    num_examples: int,
+    metrics: Mapping[str, float] | None,
+    row_cap: int,
 ) -> dict[str, NDArray[np.floating] | NDArray[np.integer]]:
-    """A node's inputs for :func:`update_layout`."""
+    """A node's inputs for :func:`update_layout` (``metrics=None`` for a layout without)."""
     if not 0 < num_examples <= row_cap:
         raise VectorError(f"example count {num_examples} outside (0, {row_cap}]")
     w = num_examples / row_cap
-    return {
+    out: dict[str, NDArray[np.floating] | NDArray[np.integer]] = {
         "update": np.asarray(flat_delta, dtype=np.float64) * w,
         "num_examples": np.array([num_examples], dtype=np.int64),
-        "metrics": np.array([metrics.get(k, 0.0) / row_cap for k in METRIC_NAMES]),
     }
+    if metrics is not None:
+        out["metrics"] = np.array([metrics.get(k, 0.0) / row_cap for k in METRIC_NAMES])
+    return out
 
 
 def decode_update(
     sums: Mapping[str, NDArray[np.float64] | NDArray[np.int64]], row_cap: int
 ) -> tuple[NDArray[np.float32], int, dict[str, float]]:
-    """The FedAvg mean update, total examples, and total metric sums from decoded sums."""
+    """The FedAvg mean update, total examples, and total metric sums (empty if none)."""
     total = int(sums["num_examples"][0])
     if total <= 0:
         raise VectorError("aggregate reports no examples")
     mean = (np.asarray(sums["update"]) * (row_cap / total)).astype(np.float32)
-    metrics = {k: float(v) * row_cap for k, v in zip(METRIC_NAMES, sums["metrics"], strict=True)}
+    metrics = {}
+    if "metrics" in sums:
+        metrics = {
+            k: float(v) * row_cap for k, v in zip(METRIC_NAMES, sums["metrics"], strict=True)
+        }
     return mean, total, metrics
+
+
+def dp_update_layout(params: SecAggParams, plan: SkellamPlan) -> VectorLayout:
+    """Layout for a participant-level DP round: the noised integer update only.
+
+    ``plan.node_bound`` bounds each node's values, and the plan was sized so that
+    ``plan.max_nodes`` of them never wrap; a round larger than that is refused here.
+    """
+    if params.max_nodes > plan.max_nodes:
+        raise VectorError(
+            f"a round of {params.max_nodes} nodes exceeds the {plan.max_nodes} the "
+            "participant-level noise plan was sized for"
+        )
+    return VectorLayout(
+        [Segment.integer("update", plan.num_params, plan.node_bound)], params.max_nodes
+    )
 
 
 def _limb_bits(params: SecAggParams) -> int:

@@ -40,6 +40,7 @@ def job_info(ctx: Context, job: JobRow, *, with_rounds: bool = True) -> pb.JobIn
         spec_json=job.spec_json,
         created=job.created,
         updated=job.updated,
+        privacy_json=ctx.store.privacy(job.job_id),
     )
     if job.model_sha:
         info.model.CopyFrom(pb.BlobRef(sha256=job.model_sha, size=job.model_size))

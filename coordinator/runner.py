@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import threading
 import time
@@ -23,6 +24,10 @@ import numpy as np
 from wharf import bundle as bundle_mod
 from wharf import spec as spec_mod
 from wharf.algorithms import models, secure_vectors, strategies, training
+from wharf.algorithms.privacy import skellam
+from wharf.algorithms.privacy.accounting import Guarantee
+from wharf.algorithms.privacy.plan import dp_max_nodes, participant_plan
+from wharf.algorithms.privacy.skellam import SkellamPlan
 from wharf.algorithms.secagg import SecAggParams, VectorLayout
 from wharf.coordinator.audit import Audit
 from wharf.coordinator.blobs import BlobStore
@@ -82,12 +87,12 @@ def metrics_summary(results: list[TaskResult]) -> dict[str, float]:
     for r in results:
         sums.update(r.metrics)
     out: dict[str, float] = {"num_examples": float(n), "nodes": float(len(results))}
-    if n:
+    if n and "train_loss_sum" in sums:
         out["train_loss"] = sums["train_loss_sum"] / n
     if sums["eval_count"]:
         out["global_loss"] = sums["eval_loss_sum"] / sums["eval_count"]
         out["global_accuracy"] = sums["eval_correct"] / sums["eval_count"]
-    if results:
+    if results and "train_seconds" in sums:
         out["train_seconds_mean"] = sums["train_seconds"] / len(results)
     return out
 
@@ -111,6 +116,7 @@ class JobRunner(threading.Thread):
         self.bundle_sha = job.bundle_sha
         self.owner = job.owner
         self._offered: dict[str, int] = {}
+        self._plan: tuple[Guarantee, SkellamPlan] | None = None
 
     # -- lifecycle -------------------------------------------------------------
     def run(self) -> None:
@@ -182,7 +188,50 @@ class JobRunner(threading.Thread):
         job = store.get_job(self.job_id)
         assert job is not None
         self._log("model_stored", {"model_sha256": job.model_sha, "size": job.model_size})
+        if self.spec.privacy.enabled:
+            report = self._privacy_report(job.model_sha)
+            store.set_privacy(self.job_id, json.dumps(report, sort_keys=True))
+            self._log("privacy_guarantee", report)
         store.set_state(self.job_id, "completed")
+
+    def _privacy_report(self, model_sha: str) -> dict[str, object]:
+        """The DP guarantee the finished job states: the participant-level guarantee (the
+        plan every node computed alike), each contributing node's own record-level
+        guarantee and what the job cost its dataset, all from the nodes' signed grants."""
+        participant = None
+        if self.spec.privacy.participant_level is not None:
+            size = models.flatten(load_weights_blob(self.ctx.blobs, model_sha))[0].size
+            self._skellam_plan(size)
+            assert self._plan is not None
+            participant = self._plan[0].to_dict()
+        contributors = set()
+        for r in self.ctx.store.list_rounds(self.job_id):
+            if r.state == "completed":
+                contributors.update(r.nodes)
+        record: dict[str, object] = {}
+        spends: dict[str, object] = {}
+        for node, d in sorted(self.ctx.store.decisions(self.job_id).items()):
+            if node not in contributors or not d.get("grant_json"):
+                continue
+            try:
+                body = json.loads(d["grant_json"])["body"]
+                dp = body["protections"]["dp"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not dp:
+                continue
+            spends[node] = {"epsilon": dp["epsilon"], "delta": dp["delta"]}
+            for g in (dp.get("plan") or {}).get("guarantees", []):
+                if g.get("kind") == "record_level":
+                    record[node] = g
+        eps = [float(v["epsilon"]) for v in spends.values()]  # type: ignore[index]
+        return {
+            "participant_level": participant,
+            "record_level": record,
+            "dataset_spend": spends,
+            "worst_epsilon": max(eps) if eps else None,
+            "metrics_released": False,
+        }
 
     def _end_job(self) -> None:
         for name in sorted(self._participants):
@@ -221,8 +270,11 @@ class JobRunner(threading.Thread):
         chosen = [
             s for s in self._candidates() if decisions.get(s.name, {}).get("outcome") == "granted"
         ]
-        if self.spec.federation.max_nodes:
-            chosen = chosen[: self.spec.federation.max_nodes]
+        cap = self.spec.federation.max_nodes
+        if self.spec.privacy.participant_level is not None:
+            cap = dp_max_nodes(self.spec)  # the noise plan's headroom is sized for this many
+        if cap:
+            chosen = chosen[:cap]
         return chosen
 
     def _offer(self) -> None:
@@ -613,6 +665,17 @@ class JobRunner(threading.Thread):
             )
         return outcome
 
+    def _skellam_plan(self, num_values: int) -> SkellamPlan:
+        """The participant-level plan (the same every node computes from the spec)."""
+        if self._plan is None or self._plan[1].num_params != num_values:
+            try:
+                self._plan = participant_plan(self.spec, num_values)
+            except ValueError as exc:
+                raise JobFailed(
+                    f"the job's participant-level privacy cannot be met: {exc}"
+                ) from None
+        return self._plan[1]
+
     def _row_cap(self, nodes: list[NodeSession]) -> int:
         """Public bound on a node's example count: the largest registered row count."""
         rows = [int(s.datasets[self.spec.data.dataset].get("rows", 0)) for s in nodes]
@@ -631,16 +694,33 @@ class JobRunner(threading.Thread):
         ctx = self.ctx
         flat, layout = models.flatten(global_weights)
         row_cap = self._row_cap(nodes)
-        outcome = self._secure(
-            rnd,
-            attempt,
-            pb.TASK_TRAIN,
-            nodes,
-            model_sha,
-            lambda params: secure_vectors.update_layout(params, flat.size, row_cap),
-        )
+        privacy = self.spec.privacy
+        plan = self._skellam_plan(flat.size) if privacy.participant_level is not None else None
+        make_layout: Callable[[SecAggParams], VectorLayout]
+        if plan is not None:
+            make_layout = functools.partial(secure_vectors.dp_update_layout, plan=plan)
+        else:
+            make_layout = functools.partial(
+                secure_vectors.update_layout,
+                num_params=flat.size,
+                row_cap=row_cap,
+                metrics=not privacy.enabled,
+            )
+        outcome = self._secure(rnd, attempt, pb.TASK_TRAIN, nodes, model_sha, make_layout)
         try:
-            mean, total, metric_sums = secure_vectors.decode_update(outcome.sums, row_cap)
+            if plan is not None:
+                if len(outcome.contributors) < plan.min_contributors:
+                    raise RoundFailed(
+                        f"only {len(outcome.contributors)} nodes contributed; the "
+                        f"participant-level noise needs {plan.min_contributors}"
+                    )
+                total = len(outcome.contributors)
+                mean = skellam.decode_sum(
+                    np.asarray(outcome.sums["update"], dtype=np.int64), total, plan
+                )
+                metric_sums: dict[str, float] = {}
+            else:
+                mean, total, metric_sums = secure_vectors.decode_update(outcome.sums, row_cap)
         except secure_vectors.VectorError as exc:
             raise RoundFailed(str(exc)) from None
         avg = models.unflatten(mean, layout)
@@ -651,14 +731,14 @@ class JobRunner(threading.Thread):
         state_ref_sha = (
             ctx.blobs.put_bytes(models.weights_to_bytes(new_state)).sha256 if new_state else ""
         )
-        metrics: dict[str, float] = {
-            "num_examples": float(total),
-            "nodes": float(len(outcome.contributors)),
-            "train_loss": metric_sums["train_loss_sum"] / total,
-        }
-        metrics["train_seconds_mean"] = metric_sums["train_seconds"] / len(outcome.contributors)
+        metrics: dict[str, float] = {"nodes": float(len(outcome.contributors))}
+        if plan is None:
+            metrics["num_examples"] = float(total)
+        if metric_sums:
+            metrics["train_loss"] = metric_sums["train_loss_sum"] / total
+            metrics["train_seconds_mean"] = metric_sums["train_seconds"] / len(outcome.contributors)
         metrics.update(outcome.timings)
-        if metric_sums["eval_count"] > 0.5:
+        if metric_sums and metric_sums["eval_count"] > 0.5:
             metrics["global_loss"] = metric_sums["eval_loss_sum"] / metric_sums["eval_count"]
             metrics["global_accuracy"] = metric_sums["eval_correct"] / metric_sums["eval_count"]
         self._check()

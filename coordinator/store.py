@@ -97,6 +97,15 @@ events = sa.Table(
     sa.Column("state", sa.String(32), nullable=False, default=""),
 )
 
+job_privacy = sa.Table(
+    "job_privacy",
+    metadata,
+    # The differential-privacy guarantee a finished job states (JSON; see JobRunner).
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.job_id"), primary_key=True),
+    sa.Column("privacy_json", sa.Text, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+)
+
 decisions = sa.Table(
     "decisions",
     metadata,
@@ -287,6 +296,22 @@ class Store:
                 .where(jobs.c.job_id == job_id)
                 .values(model_sha=model_sha, model_size=model_size, updated=time.time())
             )
+
+    def set_privacy(self, job_id: str, privacy_json: str) -> None:
+        """Record the DP guarantee the job states (replacing an earlier statement)."""
+        with self.tx() as c:
+            c.execute(job_privacy.delete().where(job_privacy.c.job_id == job_id))
+            c.execute(
+                job_privacy.insert().values(
+                    job_id=job_id, privacy_json=privacy_json, updated=time.time()
+                )
+            )
+
+    def privacy(self, job_id: str) -> str:
+        """The job's stated DP guarantee (JSON), or ``""`` if it has none (yet)."""
+        q = sa.select(job_privacy.c.privacy_json).where(job_privacy.c.job_id == job_id)
+        with self.engine.connect() as c:
+            return str(c.execute(q).scalar_one_or_none() or "")
 
     # -- rounds --------------------------------------------------------------
     def start_round(self, job_id: str, rnd: int, attempt: int, node_names: Sequence[str]) -> None:

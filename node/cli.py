@@ -9,6 +9,7 @@
     wharf node dataset list | remove NAME
     wharf node grants [--outcome pending|granted|refused|revoked]
     wharf node grant show JOB | approve JOB | deny JOB [--reason TEXT] | revoke JOB
+    wharf node budget [DATASET] [--json]
     wharf node ledger verify | log [--job JOB] [--kind KIND] [--json]
 
 ``JOB`` may be a unique prefix of the job id. The grant commands only edit the
@@ -496,6 +497,71 @@ def grants_list(
         )
 
 
+@node_app.command("budget")
+def budget_show(
+    dataset: Annotated[
+        str | None, typer.Argument(help="one dataset (default: every registered dataset)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    config: ConfigOpt = Path("node.toml"),
+) -> None:
+    """Each dataset's differential-privacy budget: spent, remaining, and by which jobs."""
+    from wharf.node.budget import budget_status
+    from wharf.node.policy import PolicyError, load_policy
+    from wharf.node.state import NodeState
+
+    cfg = _config(config)
+    state = NodeState(cfg.state_dir)
+    policy = None
+    if cfg.policy is not None:
+        try:
+            policy = load_policy(cfg.policy)
+        except PolicyError as exc:
+            fail(str(exc))
+    names = [d.name for d in state.list_datasets()]
+    names += sorted({s.dataset for s in state.spends()} - set(names))
+    if dataset is not None:
+        if dataset not in names:
+            fail(f"no dataset {dataset!r} is registered at this node")
+        names = [dataset]
+    statuses = [budget_status(state, policy, name) for name in names]
+    if as_json:
+        out.print_json(json.dumps([st.to_dict() for st in statuses]))
+        return
+    if not statuses:
+        out.print("no datasets registered at this node")
+        return
+
+    def num(x: float) -> str:
+        return "no limit" if x == float("inf") else f"{x:.4g}"
+
+    table = Table(title="privacy budget per dataset (basic composition over jobs)")
+    table.add_column("dataset", overflow="fold")
+    for title in ("budget ε", "spent ε", "left ε", "budget δ", "spent δ", "left δ", "jobs"):
+        table.add_column(title, justify="right", no_wrap=True)
+    for st in statuses:
+        b = st.budget
+        table.add_row(
+            escape(st.dataset),
+            num(b.epsilon) if b else "no limit",
+            num(st.spent_epsilon),
+            num(st.remaining_epsilon),
+            num(b.delta) if b else "no limit",
+            num(st.spent_delta),
+            num(st.remaining_delta),
+            str(len(st.spends)),
+        )
+    out.print(table)
+    for st in statuses:
+        for sp in st.spends:
+            out.print(
+                f"  {escape(st.dataset)}: job {sp.job_id} spent ε={sp.epsilon:.4g}, "
+                f"δ={sp.delta:.3g} ({_when(sp.created)})"
+            )
+    if policy is None or (policy.budget is None and not policy.dataset_budgets):
+        out.print("no budget is set: add [budget] to the node's policy to limit what jobs spend")
+
+
 def _find(state: NodeState, job: str) -> GrantRow:
     try:
         return state.find_grant(job)
@@ -639,10 +705,20 @@ def grant_show(job: JobArg, config: ConfigOpt = Path("node.toml")) -> None:
         )
         u.add_row("most sensitive level", d.level)
         dp = (
-            f"DP ε={d.protections.dp_epsilon:g}, δ={d.protections.dp_delta:g}"
+            f"DP ε={d.protections.dp_epsilon:.4g}, δ={d.protections.dp_delta:g} on this dataset"
             if d.protections.dp_epsilon is not None
             else "no differential privacy"
         )
+        if verdict.privacy is not None:
+            for g in verdict.privacy.guarantees():
+                mech = ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(g.mechanism.items())
+                )
+                u.add_row(
+                    g.kind.replace("_", "-") + " DP",
+                    f"ε={g.epsilon:.4g}, δ={g.delta:g} ({escape(g.accountant)}; {escape(mech)})",
+                )
         u.add_row(
             "protections",
             ("secure aggregation" if d.protections.secure_aggregation else "no secure aggregation")

@@ -46,6 +46,7 @@ import numpy as np
 from wharf import __version__
 from wharf import spec as spec_mod
 from wharf.algorithms import models
+from wharf.algorithms.privacy.plan import JobPrivacy
 from wharf.algorithms.secagg import SecAggAborted
 from wharf.bundle import unpack
 from wharf.chunks import blob_ref_for_file, iter_file_parts, receive_chunks
@@ -59,6 +60,7 @@ from wharf.node.state import AttestationRow, GrantRow, NodeState, RegisteredData
 from wharf.node.wirelog import WireLog, WireLogInterceptor
 from wharf.proto import wharf_pb2 as pb
 from wharf.proto import wharf_pb2_grpc as pb_grpc
+from wharf.records import Grant
 from wharf.spec import JobSpec
 from wharf.tls import insecure_channel, secure_channel
 
@@ -123,10 +125,10 @@ class NodeDaemon:
                 )
             self.name = self.identity.name
             signer = self.identity.signer()
-            self.secure: SecureSessions | None = SecureSessions(
-                self.name, signer.sign, self.identity.ca_pem
-            )
             self.state = NodeState(config.state_dir, signer)
+            self.secure: SecureSessions | None = SecureSessions(
+                self.name, signer.sign, self.identity.ca_pem, releases=self.state
+            )
             self.grants = GrantBook(
                 self.state,
                 self.name,
@@ -442,6 +444,16 @@ class NodeDaemon:
         )
         if usage is None:
             return
+        if (
+            task.kind == pb.TASK_TRAIN
+            and spec is not None
+            and spec.privacy.enabled
+            and not self.state.add_release(task.job_id, task.round)
+        ):
+            raise TaskError(
+                f"this node already released its update for round {task.round}; its DP "
+                "guarantee allows one per round"
+            )
         row = self.grants.issue_receipt(
             grant,
             round=task.round,
@@ -533,13 +545,14 @@ class NodeDaemon:
         task: pb.Task,
         spec: JobSpec,
         registered: RegisteredDataset,
+        privacy: JobPrivacy | None = None,
     ) -> pb.ResultHeader:
         """Begin a secure round: advertise keys now, train in the background."""
         if self.secure is None:
             raise TaskError("this node runs in plaintext mode and cannot do secure aggregation")
-        task_dir = self._prepare(stub, task, spec, registered)
+        task_dir = self._prepare(stub, task, spec, registered, privacy)
         work: Future[LocalResult] = Future()
-        advert = self.secure.start(task, work, task_dir)
+        advert = self.secure.start(task, work, task_dir, privacy)
 
         def train() -> None:
             try:
@@ -616,7 +629,7 @@ class NodeDaemon:
             return self._secure_phase(task)
         spec, registered = self._task_spec(task)
         epochs = spec.training.epochs if task.kind == pb.TASK_TRAIN else 0
-        self.grants.authorise(
+        grant = self.grants.authorise(
             task.job_id,
             task.job_hash,
             spec=spec,
@@ -625,9 +638,10 @@ class NodeDaemon:
             epochs=epochs if task.kind == pb.TASK_TRAIN else None,
             new_samples=registered.rows * epochs,
         )
+        privacy = self._privacy(task, spec, grant)
         if task.secure:
-            return _Result(self._secure_start(stub, task, spec, registered))
-        task_dir = self._prepare(stub, task, spec, registered)
+            return _Result(self._secure_start(stub, task, spec, registered, privacy))
+        task_dir = self._prepare(stub, task, spec, registered, privacy)
         local = self._run_local(task, task_dir)
         header = pb.ResultHeader(
             task_id=task.task_id,
@@ -636,11 +650,43 @@ class NodeDaemon:
             kind=task.kind,
             ok=True,
             num_examples=local.num_examples,
-            metrics=local.metrics,
+            # Under DP only the update leaves: metrics would be releases outside the guarantee.
+            metrics=local.metrics if privacy is None else {},
             blob=blob_ref_for_file(local.payload),
         )
         usage = Usage(local.num_examples, epochs, local.compute_seconds)
         return _Result(header, local.payload, usage)
+
+    def _privacy(self, task: pb.Task, spec: JobSpec, grant: Grant) -> JobPrivacy | None:
+        """The node's own DP plan for a task, from its signed grant, after checking that the
+        plan still allows another release: at most one per round and ``federation.rounds``
+        in all, which is what the accountant composed. The coordinator cannot raise it."""
+        if not spec.privacy.enabled:
+            return None
+        raw = grant.protections.dp_plan
+        if raw is None:
+            raise TaskError(f"the grant for job {task.job_id} carries no DP plan; refusing")
+        try:
+            privacy = JobPrivacy.from_dict(raw)
+        except ValueError as exc:
+            raise TaskError(f"the grant's DP plan is unreadable: {exc}") from None
+        if task.kind != pb.TASK_TRAIN:
+            raise TaskError("a job with differential privacy has no statistics round")
+        rounds = spec.federation.rounds
+        released = self.state.released_rounds(task.job_id)
+        if task.round > rounds or task.round < 1:
+            raise TaskError(f"round {task.round} is outside the job's {rounds} rounds")
+        if task.round in released:
+            raise TaskError(
+                f"this node already released its update for round {task.round}; its DP "
+                "guarantee allows one per round"
+            )
+        if len(released) >= rounds:
+            raise TaskError(
+                f"this node already released {len(released)} updates for the job; its DP "
+                f"guarantee was accounted for {rounds}"
+            )
+        return privacy
 
     def _prepare(
         self,
@@ -648,6 +694,7 @@ class NodeDaemon:
         task: pb.Task,
         spec: JobSpec,
         registered: RegisteredDataset,
+        privacy: JobPrivacy | None = None,
     ) -> Path:
         """Lay out the worker's task directory (the grant has been checked)."""
         cache = self._job_workspace(task, spec)
@@ -669,10 +716,10 @@ class NodeDaemon:
             kind = "stats"
         else:
             raise TaskError(f"unsupported task kind {pb.TaskKind.Name(task.kind)}")
-        (task_dir / "task.json").write_text(
-            json.dumps({"kind": kind, "round": task.round, "spec": spec.to_dict()}),
-            encoding="utf-8",
-        )
+        job: dict[str, Any] = {"kind": kind, "round": task.round, "spec": spec.to_dict()}
+        if privacy is not None and privacy.dpsgd is not None:
+            job["dp_sgd"] = dict(privacy.dpsgd)
+        (task_dir / "task.json").write_text(json.dumps(job), encoding="utf-8")
         return task_dir
 
     def _run_local(self, task: pb.Task, task_dir: Path) -> LocalResult:

@@ -43,9 +43,12 @@ from typing import Any, Literal
 from sqlalchemy.engine import Connection
 
 from wharf import spec as spec_mod
+from wharf.algorithms.privacy.plan import JobPrivacy, model_size, plan_job_privacy
 from wharf.identity import Signer
+from wharf.node.budget import BudgetStatus, budget_problem, budget_status
 from wharf.node.policy import (
     DEFAULT_LEVELS,
+    BudgetRule,
     Decision,
     LevelRule,
     Policy,
@@ -122,6 +125,10 @@ class Verdict:
     decision: Decision | None = None
     spec: JobSpec | None = None
     ttl_hours: float = DEFAULT_TTL_HOURS
+    privacy: JobPrivacy | None = None
+    """The job's DP plan on the dataset (signed into the grant; the trainer uses it)."""
+    budget: BudgetRule | None = None
+    """The dataset's privacy budget under the policy the verdict was made with."""
 
 
 @dataclass(frozen=True)
@@ -292,14 +299,78 @@ class GrantBook:
         except PolicyError as exc:
             policy, note = None, f"the policy file cannot be used ({exc}); the operator decides"
         ttl = policy.grant_ttl_hours if policy is not None else DEFAULT_TTL_HOURS
-        decision = evaluate(policy or _operator_policy(spec.purpose), reg, spec, offer.requester)
+        privacy: JobPrivacy | None = None
+        if spec.privacy.enabled:
+            try:
+                privacy = plan_job_privacy(
+                    spec, num_rows=ds.rows, num_params=self.model_values(spec, ds)
+                )
+            except ValueError as exc:
+                return refuse(
+                    f"the job's privacy settings cannot be met on dataset {ds.name!r}: {exc}",
+                    spec=spec,
+                )
+        dp = privacy.spend() if privacy is not None else None
+        decision = evaluate(
+            policy or _operator_policy(spec.purpose), reg, spec, offer.requester, dp=dp
+        )
+        if privacy is not None:
+            protections = replace(decision.protections, dp_plan=privacy.to_dict())
+            decision = replace(decision, protections=protections)
+        status = budget_status(self.state, policy, ds.name)
+        over = budget_problem(status, offer.job_id, dp)
+        if over is not None:
+            decision = replace(decision, outcome="refuse", reasons=[*decision.reasons, over])
+        extra = {"privacy": privacy, "budget": status.budget}
         if decision.outcome == "refuse":
-            return Verdict("refuse", decision.reasons, decision, spec, ttl)
+            return Verdict("refuse", decision.reasons, decision, spec, ttl, **extra)
         if policy is None:
             decision = replace(
                 decision, outcome="pending", reasons=[note or NO_POLICY_REASON], rule=None
             )
-        return Verdict(decision.outcome, decision.reasons, decision, spec, ttl)
+        return Verdict(decision.outcome, decision.reasons, decision, spec, ttl, **extra)
+
+    @staticmethod
+    def model_values(spec: JobSpec, ds: RegisteredDataset) -> int:
+        """Length of the update vector this job's model has on ``ds``."""
+        shape = spec.model.input_shape or (
+            (len(spec.data.features),) if spec.data.features else tuple(ds.feature_shape)
+        )
+        return model_size(spec, shape)
+
+    def _charge(self, c: Connection, verdict: Verdict, job_id: str) -> str | None:
+        """Charge a granted job's DP spend to its dataset in transaction ``c``; the reason it
+        would overspend instead (another grant got there first), without charging."""
+        if verdict.privacy is None or verdict.spec is None:
+            return None
+        name = verdict.spec.data.dataset
+        spend = verdict.privacy.spend()
+        status = BudgetStatus(name, verdict.budget, self.state.spends(name, c))
+        over = budget_problem(status, job_id, spend)
+        if over is not None:
+            return over
+        if self.state_has_spend(c, name, job_id):
+            return None
+        plan = json.dumps(verdict.privacy.to_dict(), sort_keys=True)
+        self.state.add_spend(c, name, job_id, spend[0], spend[1], plan)
+        after = BudgetStatus(name, verdict.budget, self.state.spends(name, c))
+        self.state.log(
+            c,
+            "privacy_spend",
+            job_id,
+            {
+                "dataset": name,
+                "epsilon": spend[0],
+                "delta": spend[1],
+                "guarantees": [g.to_dict() for g in verdict.privacy.guarantees()],
+                "budget": after.to_dict()["budget"],
+                "spent_after": {"epsilon": after.spent_epsilon, "delta": after.spent_delta},
+            },
+        )
+        return None
+
+    def state_has_spend(self, c: Connection, dataset: str, job_id: str) -> bool:
+        return any(s.job_id == job_id for s in self.state.spends(dataset, c))
 
     # -- decisions -------------------------------------------------------------------------
     def _sign(self, verdict: Verdict, job_id: str) -> tuple[Grant, str]:
@@ -335,9 +406,15 @@ class GrantBook:
         }
 
         def write(c: Connection) -> GrantRow:
+            nonlocal outcome, grant, signed
             again = self.state.get_grant(offer.job_id, c)
             if again is not None:
                 return self._same_job(again, offer)
+            if outcome == "granted":
+                over = self._charge(c, verdict, offer.job_id)
+                if over is not None:
+                    outcome, grant, signed = "refused", None, ""
+                    verdict.reasons.append(over)
             self.state.insert_grant(
                 c,
                 job_id=offer.job_id,
@@ -408,6 +485,9 @@ class GrantBook:
         def write(c: Connection) -> GrantRow:
             cur = self._row(job_id, c)
             self._require(cur, "pending", "approved")
+            over = self._charge(c, verdict, row.job_id)
+            if over is not None:
+                raise ValueError(f"job {row.job_id} cannot be approved: {over}")
             self.state.update_grant(
                 c,
                 cur,

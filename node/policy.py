@@ -24,6 +24,13 @@ Schema (every field optional; unknown fields are errors that name the field)::
     [levels.important]      # defaults: secure_aggregation = true, dp_required = true
     [levels.core]           # default usable = false, and it cannot be set true
 
+    [budget]                # total differential-privacy budget of each dataset, over
+    epsilon = 10.0          # all jobs (basic composition: epsilons and deltas add up);
+    delta   = 1e-4          # no [budget]: no limit (spends are still recorded)
+    [budget.datasets.cancer]  # a dataset's own budget instead of the default
+    epsilon = 4.0
+    delta   = 1e-5
+
     [quotas]                # per job, at this node
     max_rounds  = 100       # federation.rounds
     max_epochs  = 5         # training.epochs (local epochs per round)
@@ -42,8 +49,11 @@ registered features if ``data.features`` is empty) and the label column. A field
 missing from a ``[levels.X]`` table keeps that level's default, so relaxing a
 requirement is always explicit.
 
-The privacy settings of a job are not part of the job spec yet; callers pass
-``dp=(epsilon, delta)`` to :func:`evaluate` once they are.
+The job's DP guarantee on a dataset depends on the dataset (its row count sets
+the sampling rate), so callers compute it (:mod:`wharf.algorithms.privacy.plan`)
+and pass ``dp=(epsilon, delta)`` to :func:`evaluate`; the budget check against
+what earlier jobs spent needs the node's records and lives in
+:mod:`wharf.node.budget`. A dataset with a budget takes only jobs with DP.
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from wharf.spec import NAME_RE, PURPOSE_RE, JobSpec
 __all__ = [
     "DEFAULT_LEVELS",
     "AutoApproveRule",
+    "BudgetRule",
     "Decision",
     "LevelRule",
     "Outcome",
@@ -145,6 +156,14 @@ class AutoApproveRule:
 
 
 @dataclass(frozen=True)
+class BudgetRule:
+    """A dataset's total privacy budget over all jobs: (epsilon, delta)."""
+
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
 class Policy:
     """A parsed node policy. The default refuses everything (no purpose allowed)."""
 
@@ -154,9 +173,15 @@ class Policy:
     quotas: QuotaRule = field(default_factory=QuotaRule)
     auto_approve: tuple[AutoApproveRule, ...] = ()
     grant_ttl_hours: float = 720.0
+    budget: BudgetRule | None = None
+    dataset_budgets: Mapping[str, BudgetRule] = field(default_factory=dict)
 
     def rule(self, level: str) -> LevelRule:
         return self.levels.get(level, DEFAULT_LEVELS[level])
+
+    def budget_for(self, dataset: str) -> BudgetRule | None:
+        """The dataset's own budget, else the default one, else ``None`` (no limit)."""
+        return self.dataset_budgets.get(dataset, self.budget)
 
 
 def _either(values: Sequence[str]) -> str:
@@ -225,7 +250,15 @@ class _Table:
         return tuple(dict.fromkeys(value))
 
 
-_TOP = ("allowed_purposes", "prohibited_columns", "grant_ttl_hours", "levels", "quotas")
+_TOP = (
+    "allowed_purposes",
+    "prohibited_columns",
+    "grant_ttl_hours",
+    "levels",
+    "quotas",
+    "budget",
+)
+_BUDGET_FIELDS = ("epsilon", "delta")
 _LEVEL_FIELDS = ("usable", "secure_aggregation", "dp_required", "max_epsilon", "max_delta")
 _QUOTA_FIELDS = ("max_rounds", "max_epochs", "max_samples")
 _RULE_FIELDS = ("requester", "purpose", "dataset", "max_level", "bundle_sha256")
@@ -268,6 +301,30 @@ def _rule(where: str, raw: Any) -> AutoApproveRule:
     return rule
 
 
+def _budget(where: str, raw: Any) -> BudgetRule:
+    t = _Table(where, raw, _BUDGET_FIELDS)
+    eps = t.number("epsilon", None)
+    delta = t.number("delta", None, upper=0.5)
+    if eps is None or delta is None:
+        raise PolicyError(f"[{where}] needs both epsilon and delta")
+    return BudgetRule(eps, delta)
+
+
+def _budgets(raw: Any) -> tuple[BudgetRule | None, dict[str, BudgetRule]]:
+    if raw is None:
+        return None, {}
+    if not isinstance(raw, Mapping):
+        raise PolicyError("budget must be a table")
+    per = raw.get("datasets", {})
+    _Table("budget.datasets", per, per.keys() if isinstance(per, Mapping) else ())
+    for name in per:
+        if not NAME_RE.fullmatch(name):
+            raise PolicyError(f"budget.datasets: {name!r} is not a dataset name")
+    own = {k: v for k, v in raw.items() if k != "datasets"}
+    default = _budget("budget", own) if own else None
+    return default, {name: _budget(f"budget.datasets.{name}", v) for name, v in per.items()}
+
+
 def parse_policy(raw: Mapping[str, Any]) -> Policy:
     """Validate a policy given as a mapping (parsed TOML)."""
     top = _Table("", raw, (*_TOP, "auto_approve"))
@@ -283,6 +340,10 @@ def parse_policy(raw: Mapping[str, Any]) -> Policy:
         raise PolicyError("auto_approve must be an array of tables ([[auto_approve]])")
     ttl = top.number("grant_ttl_hours", 720.0)
     assert ttl is not None
+    budget_raw = raw.get("budget")
+    if isinstance(budget_raw, Mapping):
+        _Table("budget", budget_raw, (*_BUDGET_FIELDS, "datasets"))
+    budget, dataset_budgets = _budgets(budget_raw)
     return Policy(
         allowed_purposes=top.words("allowed_purposes", PURPOSE_RE, _PURPOSE),
         prohibited_columns=top.words("prohibited_columns", _COLUMN_RE, "a column name"),
@@ -294,6 +355,8 @@ def parse_policy(raw: Mapping[str, Any]) -> Policy:
         ),
         auto_approve=tuple(_rule(f"auto_approve[{i}]", r) for i, r in enumerate(rules_raw)),
         grant_ttl_hours=ttl,
+        budget=budget,
+        dataset_budgets=dataset_budgets,
     )
 
 

@@ -15,12 +15,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from wharf.algorithms import models, secure_vectors
+from wharf.algorithms.privacy import skellam
+from wharf.algorithms.privacy.plan import JobPrivacy
 from wharf.algorithms.secagg import SecAggAborted, SecAggClient, VectorLayout
 from wharf.identity import peer_verifier
 from wharf.proto import secagg_pb2 as sa
@@ -42,6 +44,33 @@ class LocalResult:
     """The training (or statistics) worker's wall time, for the usage receipt."""
 
 
+class Releases(Protocol):
+    """Where a node remembers, across restarts, which rounds' aggregates it let be revealed."""
+
+    def add_release(self, job_id: str, rnd: int) -> bool: ...
+
+    def released_rounds(self, job_id: str) -> list[int]: ...
+
+
+class _MemoryReleases:
+    """Releases kept in memory only (tests and tools without a node database)."""
+
+    def __init__(self) -> None:
+        self._done: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+
+    def add_release(self, job_id: str, rnd: int) -> bool:
+        with self._lock:
+            if (job_id, rnd) in self._done:
+                return False
+            self._done.add((job_id, rnd))
+            return True
+
+    def released_rounds(self, job_id: str) -> list[int]:
+        with self._lock:
+            return sorted(r for j, r in self._done if j == job_id)
+
+
 @dataclass
 class _Session:
     client: SecAggClient
@@ -49,6 +78,8 @@ class _Session:
     weight_scale: int
     work: Future[LocalResult]
     task_dir: Path
+    privacy: JobPrivacy | None = None
+    """The node's own DP plan for this job (from its grant), if the job has DP."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     contributed: LocalResult | None = None
     """The local result this node masked and sent (set at the share delivery)."""
@@ -66,29 +97,39 @@ def _parse(cls: type[Message], data: bytes, what: str) -> Any:
 class SecureSessions:
     """All secure rounds this node is taking part in."""
 
-    def __init__(self, name: str, sign: Callable[[bytes], bytes], ca_pem: bytes) -> None:
+    def __init__(
+        self,
+        name: str,
+        sign: Callable[[bytes], bytes],
+        ca_pem: bytes,
+        releases: Releases | None = None,
+    ) -> None:
         self.name = name
         self.sign = sign
         self.ca_pem = ca_pem
         self._sessions: dict[tuple[str, int], _Session] = {}
-        self._revealed: set[tuple[str, int]] = set()
-        """(job, round) pairs whose aggregate this node already helped unmask."""
+        self.releases: Releases = releases if releases is not None else _MemoryReleases()
+        """(job, round) pairs whose aggregate this node already helped unmask (the node
+        daemon keeps them in its database, so a restart does not forget them)."""
         self._lock = threading.Lock()
 
     def start(
-        self, task: pb.Task, work: Future[LocalResult], task_dir: Path
+        self,
+        task: pb.Task,
+        work: Future[LocalResult],
+        task_dir: Path,
+        privacy: JobPrivacy | None = None,
     ) -> sa.SecAggAdvertiseKeys:
         """Check the setup carried by a TRAIN/STATS task; return signed key advertisements."""
         if task.weight_scale < 1:
             raise SecureTaskError("secure task lacks its public weight scale")
-        with self._lock:
-            if (task.job_id, task.round) in self._revealed:
-                # Two unmasked sums of the same update over different survivor
-                # sets would let a coordinator subtract its way to one node's update.
-                raise SecureTaskError(
-                    f"this node already contributed to the unmasked aggregate of round "
-                    f"{task.round}; it will not contribute to a second one"
-                )
+        if task.round in self.releases.released_rounds(task.job_id):
+            # Two unmasked sums of the same update over different survivor
+            # sets would let a coordinator subtract its way to one node's update.
+            raise SecureTaskError(
+                f"this node already contributed to the unmasked aggregate of round "
+                f"{task.round}; it will not contribute to a second one"
+            )
         setup = _parse(sa.SecAggSetup, task.secagg, "secure-aggregation setup")
         holder: dict[str, SecAggClient] = {}
 
@@ -112,6 +153,7 @@ class SecureSessions:
                 weight_scale=int(task.weight_scale),
                 work=work,
                 task_dir=task_dir,
+                privacy=privacy,
             )
         return advert
 
@@ -135,8 +177,6 @@ class SecureSessions:
         with self._lock:
             for key in [k for k in self._sessions if k[0] == job_id and rnd in (None, k[1])]:
                 del self._sessions[key]
-            if rnd is None:  # the job is over
-                self._revealed = {k for k in self._revealed if k[0] != job_id}
 
     def phase(self, task: pb.Task, timeout: float) -> tuple[bytes, np.ndarray | None]:
         """Answer one phase; returns the response bytes and, for the masked input, the vector."""
@@ -157,8 +197,12 @@ class SecureSessions:
                     return msg.SerializeToString(), None
                 if task.secagg_kind == "unmask":
                     request = _parse(sa.SecAggUnmaskRequest, task.secagg, "unmask request")
-                    with self._lock:
-                        self._revealed.add((task.job_id, task.round))
+                    self._check_release(session, task, len(request.survivors))
+                    if not self.releases.add_release(task.job_id, task.round):
+                        raise SecureTaskError(
+                            f"this node already contributed to the unmasked aggregate of "
+                            f"round {task.round}; it will not reveal a second one"
+                        )
                     msg = client.unmask(request)
                     self.end(task.job_id, task.round)
                     return msg.SerializeToString(), None
@@ -166,6 +210,20 @@ class SecureSessions:
             self.end(task.job_id, task.round)
             raise
         raise SecureTaskError(f"unknown secure-aggregation phase {task.secagg_kind!r}")
+
+    @staticmethod
+    def _check_release(session: _Session, task: pb.Task, survivors: int) -> None:
+        """Before revealing: a participant-level DP sum needs enough noise shares in it."""
+        privacy = session.privacy
+        if privacy is None or privacy.skellam is None or session.kind != pb.TASK_TRAIN:
+            return
+        need = privacy.skellam.min_contributors
+        if survivors < need:
+            raise SecureTaskError(
+                f"only {survivors} nodes contributed to round {task.round}; this node's DP "
+                f"plan needs at least {need} noise shares in a revealed sum, so it will not "
+                "help unmask it"
+            )
 
     def _masked_input(self, session: _Session, timeout: float) -> tuple[bytes, np.ndarray]:
         client = session.client
@@ -185,10 +243,27 @@ class SecureSessions:
             )
         else:
             flat, _ = models.flatten(data)
-            layout = secure_vectors.update_layout(client.params, flat.size, session.weight_scale)
-            inputs = secure_vectors.update_inputs(
-                flat, local.num_examples, local.metrics, session.weight_scale
-            )
+            privacy = session.privacy
+            if privacy is not None and privacy.skellam is not None:
+                plan = privacy.skellam
+                if flat.size != plan.num_params:
+                    raise SecureTaskError(
+                        f"the update has {flat.size} values but this node's DP plan was made "
+                        f"for {plan.num_params}"
+                    )
+                layout = secure_vectors.dp_update_layout(client.params, plan)
+                noisy, _ = skellam.encode_update(flat, plan)
+                inputs = {"update": noisy}
+            else:
+                layout = secure_vectors.update_layout(
+                    client.params, flat.size, session.weight_scale, metrics=privacy is None
+                )
+                inputs = secure_vectors.update_inputs(
+                    flat,
+                    local.num_examples,
+                    local.metrics if privacy is None else None,
+                    session.weight_scale,
+                )
         msg = client.masked_input(inputs, layout, inline=False)
         local.payload.unlink(missing_ok=True)  # the clear update is no longer needed
         session.contributed = local

@@ -39,6 +39,7 @@ __all__ = [
     "NodeState",
     "ReceiptRow",
     "RegisteredDataset",
+    "Spend",
     "StateConflict",
 ]
 
@@ -121,6 +122,29 @@ attestations = sa.Table(
 )
 
 
+privacy_spends = sa.Table(
+    "privacy_spends",
+    metadata,
+    sa.Column("dataset", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("epsilon", sa.Float, nullable=False),
+    sa.Column("delta", sa.Float, nullable=False),
+    # The job's DP plan on this dataset (guarantees and mechanism parameters), as granted.
+    sa.Column("plan_json", sa.Text, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+releases = sa.Table(
+    "releases",
+    metadata,
+    # (job, round) whose aggregate this node let be revealed (secure: it sent its unmask
+    # shares as a survivor; plaintext: it uploaded its update). At most one per round.
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("round", sa.Integer, primary_key=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+
 class StateConflict(RuntimeError):
     """A row changed under a read-modify-write; :meth:`NodeState.transact` retries."""
 
@@ -184,6 +208,18 @@ class ReceiptRow:
     json: str
     signed: bool
     countersigned: bool
+    created: float
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One job's charge against one dataset's privacy budget."""
+
+    dataset: str
+    job_id: str
+    epsilon: float
+    delta: float
+    plan_json: str
     created: float
 
 
@@ -555,6 +591,60 @@ class NodeState:
                 attestations.update().where(attestations.c.job_id == job_id).values(reported=True)
             )
 
+    # -- privacy budget and releases ----------------------------------------------------------
+    def add_spend(
+        self, conn: Connection, dataset: str, job_id: str, epsilon: float, delta: float, plan: str
+    ) -> None:
+        """Charge ``job_id``'s (epsilon, delta) to ``dataset`` inside ``conn``'s transaction."""
+        conn.execute(
+            privacy_spends.insert().values(
+                dataset=dataset,
+                job_id=job_id,
+                epsilon=float(epsilon),
+                delta=float(delta),
+                plan_json=plan,
+                created=time.time(),
+            )
+        )
+
+    def spends(self, dataset: str | None = None, conn: Connection | None = None) -> list[Spend]:
+        """Every charge (oldest first), for one dataset or all."""
+        q = privacy_spends.select().order_by(privacy_spends.c.created)
+        if dataset is not None:
+            q = q.where(privacy_spends.c.dataset == dataset)
+        if conn is not None:
+            return [_spend(r) for r in conn.execute(q).mappings()]
+        with self.engine.connect() as c:
+            return [_spend(r) for r in c.execute(q).mappings()]
+
+    def spend_of(self, dataset: str, job_id: str) -> Spend | None:
+        with self.engine.connect() as c:
+            r = (
+                c.execute(
+                    privacy_spends.select().where(
+                        privacy_spends.c.dataset == dataset, privacy_spends.c.job_id == job_id
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return _spend(r) if r else None
+
+    def add_release(self, job_id: str, rnd: int) -> bool:
+        """Record that ``job_id``'s round ``rnd`` aggregate was released with this node's
+        data; False if it already was (the caller must then refuse to release it again)."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(releases.insert().values(job_id=job_id, round=rnd, created=time.time()))
+        except IntegrityError:
+            return False
+        return True
+
+    def released_rounds(self, job_id: str) -> list[int]:
+        with self.engine.connect() as c:
+            q = sa.select(releases.c.round).where(releases.c.job_id == job_id)
+            return sorted(int(r) for r in c.execute(q).scalars())
+
 
 def _dataset(r: sa.RowMapping) -> RegisteredDataset:
     return RegisteredDataset(
@@ -618,5 +708,16 @@ def _attestation(r: sa.RowMapping) -> AttestationRow:
         json=r["json"],
         signed=bool(r["signed"]),
         reported=bool(r["reported"]),
+        created=float(r["created"]),
+    )
+
+
+def _spend(r: sa.RowMapping) -> Spend:
+    return Spend(
+        dataset=r["dataset"],
+        job_id=r["job_id"],
+        epsilon=float(r["epsilon"]),
+        delta=float(r["delta"]),
+        plan_json=r["plan_json"],
         created=float(r["created"]),
     )

@@ -127,8 +127,22 @@ def run(task_dir: Path) -> None:
         step = load_entry(task_dir / "bundle", spec.bundle.train_step)
         n, mean_loss = _custom_training(model, x, y, settings, step)
     else:
-        train = training.train_local(model, x, y, settings)
+        dp = None
+        if "dp_sgd" in task:  # the node's own DP plan from its grant, never the coordinator's
+            d = task["dp_sgd"]
+            dp = training.DPSGDSettings(
+                noise_multiplier=float(d["noise_multiplier"]),
+                max_grad_norm=float(d["max_grad_norm"]),
+                sample_rate=float(d["sample_rate"]),
+            )
+        train = training.train_local(model, x, y, settings, dp=dp)
         n, mean_loss = train.num_examples, train.mean_loss
+        if dp is not None and train.dp_steps != int(task["dp_sgd"]["steps_per_round"]):
+            # The accountant composed exactly this many noisy steps per round.
+            raise ValueError(
+                f"DP-SGD took {train.dp_steps} steps, the node's plan accounted for "
+                f"{task['dp_sgd']['steps_per_round']}; the update is not released"
+            )
     local = models.model_to_arrays(model)
     delta = {k: (local[k] - global_weights[k]).astype(np.float32) for k in global_weights}
     for k, v in delta.items():

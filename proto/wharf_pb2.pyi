@@ -283,7 +283,7 @@ class RoundInfo(_message.Message):
     def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., nodes: _Optional[_Iterable[str]] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "owner", "state", "reason", "rounds_total", "rounds_completed", "job_hash", "model", "spec_json", "created", "updated", "rounds", "nodes", "grants")
+    __slots__ = ("job_id", "name", "owner", "state", "reason", "rounds_total", "rounds_completed", "job_hash", "model", "spec_json", "created", "updated", "rounds", "nodes", "grants", "privacy_json")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +299,7 @@ class JobInfo(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     owner: str
@@ -314,7 +315,8 @@ class JobInfo(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
     nodes: _containers.RepeatedScalarFieldContainer[str]
     grants: _containers.RepeatedCompositeFieldContainer[GrantInfo]
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., spec_json: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[GrantInfo, _Mapping]]] = ...) -> None: ...
+    privacy_json: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., job_hash: _Optional[str] = ..., model: _Optional[_Union[BlobRef, _Mapping]] = ..., spec_json: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[GrantInfo, _Mapping]]] = ..., privacy_json: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("state", "limit")

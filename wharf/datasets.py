@@ -21,8 +21,10 @@ __all__ = [
     "BREAST_CANCER_FEATURES",
     "BUILTIN_DATASETS",
     "DIGITS_FEATURES",
+    "breast_cancer_published_ranges",
     "load_breast_cancer",
     "load_digits",
+    "scale_to_published_ranges",
 ]
 
 _MEASUREMENTS = (
@@ -74,6 +76,42 @@ def load_breast_cancer() -> pd.DataFrame:
     frame[list(BREAST_CANCER_FEATURES)] = frame[list(BREAST_CANCER_FEATURES)].astype(np.float64)
     frame["diagnosis"] = frame["diagnosis"].astype(np.int64)
     return frame
+
+
+def breast_cancer_published_ranges() -> dict[str, tuple[float, float]]:
+    """Each breast-cancer feature's (min, max) from the dataset's published description.
+
+    The summary-statistics table of ``breast_cancer.rst`` (the UCI/scikit-learn
+    description shipped beside the data) states every feature's range. A data holder
+    can scale by these without looking at anyone's data — which is what a job with
+    differential privacy needs, since the federated standardisation round would be
+    an un-noised release.
+    """
+    text = _read_bytes("breast_cancer.rst").decode("utf-8")
+    start = text.index(":Summary Statistics:")
+    ranges: list[tuple[float, float]] = []
+    rules = 0
+    for line in text[start:].splitlines():
+        if line.startswith("====="):
+            rules += 1
+            if rules == 3:  # the table's closing rule
+                break
+            continue
+        if rules == 2 and line.strip():
+            parts = line.rsplit(None, 2)
+            ranges.append((float(parts[1]), float(parts[2])))
+    if len(ranges) != len(BREAST_CANCER_FEATURES):
+        raise RuntimeError(f"breast_cancer.rst lists {len(ranges)} ranges, expected 30")
+    return dict(zip(BREAST_CANCER_FEATURES, ranges, strict=True))
+
+
+def scale_to_published_ranges(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of breast-cancer rows with each feature mapped to [0, 1] by its published range."""
+    out = frame.copy()
+    for name, (lo, hi) in breast_cancer_published_ranges().items():
+        if name in out.columns:
+            out[name] = (out[name] - lo) / (hi - lo)
+    return out
 
 
 def load_digits() -> pd.DataFrame:

@@ -205,7 +205,32 @@ def get_cmd(
             out.print(f"  hash   {info.job_hash}")
             out.print(f"  rounds {info.rounds_completed}/{info.rounds_total}")
             out.print(f"  nodes  {', '.join(info.nodes) or '-'}")
+            _privacy(info.privacy_json)
             _summary(info)
+
+
+def _privacy(text: str) -> None:
+    """The DP guarantee a finished job states (one line per guarantee)."""
+    if not text:
+        return
+    report = json.loads(text)
+    p = report.get("participant_level")
+    if p:
+        m = p.get("mechanism", {})
+        out.print(
+            f"  DP     participant level: ε={p['epsilon']:.4g}, δ={p['delta']:g} "
+            f"({p['accountant']}; noise multiplier {m.get('noise_multiplier', 0):.4g}, "
+            f"clip {m.get('clip', 0):g})"
+        )
+    for node, g in sorted(report.get("record_level", {}).items()):
+        m = g.get("mechanism", {})
+        out.print(
+            f"  DP     record level at {node}: ε={g['epsilon']:.4g}, δ={g['delta']:g} "
+            f"({g['accountant']}; σ {m.get('noise_multiplier', 0):.4g}, "
+            f"q {m.get('sample_rate', 0):.3g}, {m.get('steps', 0)} steps)"
+        )
+    if report.get("worst_epsilon") is not None:
+        out.print(f"  DP     worst dataset spend: ε={report['worst_epsilon']:.4g}")
 
 
 @job_app.command("list")

@@ -769,16 +769,26 @@ class Quotas:
 
 @dataclass(frozen=True)
 class Protections:
-    """The protections the job runs under: secure aggregation, and DP (ε, δ) if any."""
+    """The protections the job runs under: secure aggregation, and DP if any.
+
+    ``dp_epsilon``/``dp_delta`` are what the job costs the dataset's privacy budget;
+    ``dp_plan`` is the node's full DP plan for the job on that dataset — the
+    guarantees with their accountant and mechanism parameters, and the Skellam plan
+    for participant-level noise (``wharf.algorithms.privacy.plan.JobPrivacy.to_dict``)
+    — so anyone holding the signed grant can recompute the stated epsilon.
+    """
 
     secure_aggregation: bool
     dp_epsilon: float | None = None
     dp_delta: float | None = None
+    dp_plan: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        dp = None
+        dp: dict[str, Any] | None = None
         if self.dp_epsilon is not None:
             dp = {"delta": float(self.dp_delta or 0.0), "epsilon": float(self.dp_epsilon)}
+            if self.dp_plan is not None:
+                dp["plan"] = dict(self.dp_plan)
         return {"dp": dp, "secure_aggregation": self.secure_aggregation}
 
     @classmethod
@@ -786,15 +796,20 @@ class Protections:
         secure = b.flag("secure_aggregation")
         dp = b.raw("dp")
         eps = delta = None
+        plan = None
         if dp is not None:
             d = _Body(f"{b.kind}.dp", dp)
             eps = d.number("epsilon")
             delta = d.number("delta")
+            if "plan" in dp:
+                plan = d.raw("plan")
+                if not isinstance(plan, Mapping) or not isinstance(plan.get("guarantees"), list):
+                    raise RecordError(f"{b.kind}.dp.plan must be an object listing guarantees")
             d.done()
             if eps <= 0 or delta >= 1:
                 raise RecordError(f"{b.kind}.dp needs epsilon > 0 and 0 <= delta < 1")
         b.done()
-        return cls(secure_aggregation=secure, dp_epsilon=eps, dp_delta=delta)
+        return cls(secure_aggregation=secure, dp_epsilon=eps, dp_delta=delta, dp_plan=plan)
 
 
 @dataclass(frozen=True)

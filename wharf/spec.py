@@ -368,12 +368,23 @@ def validate(spec: JobSpec) -> None:
     if f.round_timeout_s <= 0 or f.wait_for_nodes_s < 0 or f.max_round_retries < 0:
         raise SpecError("federation timeouts and retries must be positive")
     p = spec.privacy
+    if p.enabled and m.kind == "bundle":
+        raise SpecError(
+            "[privacy] needs a built-in model: DP-SGD runs in Wharf's own trainer, and the "
+            "participant-level noise is sized to the model before any code runs"
+        )
+    if p.enabled and m.standardize:
+        raise SpecError(
+            "[privacy] needs model.standardize = false: the statistics round that "
+            "standardises features releases exact feature moments, outside any DP "
+            "guarantee; scale the features before registering the data"
+        )
     if p.record_level is not None:
         _validate_dp("privacy.record_level", p.record_level)
-        if m.kind == "bundle":
+        if t.proximal_mu > 0:
             raise SpecError(
-                "privacy.record_level needs a built-in model (DP-SGD runs in Wharf's own "
-                "trainer, not in a bundle's train_step)"
+                "privacy.record_level cannot be combined with training.proximal_mu: "
+                "FedProx's proximal term is not a per-example loss, so DP-SGD cannot clip it"
             )
     if p.participant_level is not None:
         pl = p.participant_level
@@ -385,6 +396,12 @@ def validate(spec: JobSpec) -> None:
             )
         if pl.min_contributors < 0 or (pl.min_contributors and pl.min_contributors < 2):
             raise SpecError("privacy.participant_level.min_contributors must be 0 or >= 2")
+        m_eff = pl.min_contributors or f.min_nodes
+        if f.max_nodes and m_eff > f.max_nodes:
+            raise SpecError(
+                "privacy.participant_level.min_contributors (or federation.min_nodes) must "
+                "not exceed federation.max_nodes"
+            )
     b = spec.bundle
     if m.kind == "bundle":
         if not ENTRY_RE.match(b.model):
