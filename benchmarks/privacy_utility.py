@@ -94,8 +94,8 @@ def per_row_losses(weights: dict[str, np.ndarray], frame: pd.DataFrame) -> np.nd
     models.arrays_to_model(net, weights)
     net.eval()
     with torch.no_grad():
-        x = torch.from_numpy(frame[feats].to_numpy(np.float32))
-        y = torch.from_numpy(frame[LABEL].to_numpy(np.int64))
+        x = torch.from_numpy(np.array(frame[feats].to_numpy(np.float32)))
+        y = torch.from_numpy(np.array(frame[LABEL].to_numpy(np.int64)))
         return F.cross_entropy(net(x), y, reduction="none").numpy()
 
 

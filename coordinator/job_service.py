@@ -25,6 +25,8 @@ from wharf.proto import wharf_pb2_grpc as pb_grpc
 
 WATCH_IDLE_S = 1.0
 MAX_JOB_ID = 64
+MAX_DOSSIER_BYTES = (8 << 20) - (64 << 10)
+"""A dossier travels in one message, below the 8 MiB limit (wharf.tls.MAX_MESSAGE_BYTES)."""
 
 
 def job_info(ctx: Context, job: JobRow, *, with_rounds: bool = True) -> pb.JobInfo:
@@ -266,6 +268,26 @@ class JobServicer(pb_grpc.JobServiceServicer):
         assert audit.signer is not None
         out.signer_cert_pem = bytes(audit.signer.cert_pem).decode("ascii")
         return out
+
+    @rpc("operator")
+    def GetDossier(  # noqa: N802
+        self, request: pb.JobRef, context: grpc.ServicerContext, *, caller: Caller
+    ) -> pb.DossierResponse:
+        """A completed job's dossier for packaging it as a product (operators only)."""
+        from wharf.coordinator.dossier import DossierError, build_dossier, encode
+
+        self._job(request.job_id, caller)
+        try:
+            dossier = build_dossier(self.ctx, request.job_id)
+        except DossierError as exc:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        text = encode(dossier)
+        if len(text) > MAX_DOSSIER_BYTES:
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the dossier is {len(text):,} bytes, above the {MAX_DOSSIER_BYTES:,} limit",
+            )
+        return pb.DossierResponse(dossier_json=text)
 
     @rpc("developer", "operator")
     def ListNodes(  # noqa: N802

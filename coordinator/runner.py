@@ -666,15 +666,53 @@ class JobRunner(threading.Thread):
         return outcome
 
     def _skellam_plan(self, num_values: int) -> SkellamPlan:
-        """The participant-level plan (the same every node computes from the spec)."""
+        """The participant-level plan the nodes signed into their grants.
+
+        Every node calibrates the plan from the spec and the model size; the coordinator
+        computes it too, but decodes with the nodes' own signed plan so that a
+        floating-point difference between machines can never make it read the sum
+        with a scale the nodes did not use. Nodes that disagree fail the job.
+        """
         if self._plan is None or self._plan[1].num_params != num_values:
             try:
-                self._plan = participant_plan(self.spec, num_values)
+                own = participant_plan(self.spec, num_values)
             except ValueError as exc:
                 raise JobFailed(
                     f"the job's participant-level privacy cannot be met: {exc}"
                 ) from None
+            signed = self._granted_plans()
+            if len(set(signed.values())) > 1:
+                raise JobFailed(
+                    "the nodes' signed participant-level plans differ ("
+                    + ", ".join(sorted(signed))
+                    + "); they must agree on the noise and scale"
+                )
+            if signed:
+                guarantee = next(iter(signed.values()))
+                plan = guarantee.skellam_plan()
+                if plan.num_params != num_values:
+                    raise JobFailed(
+                        f"the nodes' plan is for {plan.num_params} values, the model has "
+                        f"{num_values}"
+                    )
+                own = (guarantee, plan)
+            self._plan = own
         return self._plan[1]
+
+    def _granted_plans(self) -> dict[str, Guarantee]:
+        """Participant-level guarantees (with their Skellam plans) from the nodes' grants."""
+        out: dict[str, Guarantee] = {}
+        for node, d in self.ctx.store.decisions(self.job_id).items():
+            if d.get("outcome") != "granted" or not d.get("grant_json"):
+                continue
+            try:
+                dp = json.loads(d["grant_json"])["body"]["protections"]["dp"] or {}
+                for g in (dp.get("plan") or {}).get("guarantees", []):
+                    if g.get("kind") == "participant_level":
+                        out[node] = Guarantee.from_dict(g)
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
 
     def _row_cap(self, nodes: list[NodeSession]) -> int:
         """Public bound on a node's example count: the largest registered row count."""

@@ -409,6 +409,12 @@ class LedgerResponse(_message.Message):
     signer_cert_pem: str
     def __init__(self, entries: _Optional[_Iterable[_Union[LedgerEntry, _Mapping]]] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., signer_cert_pem: _Optional[str] = ...) -> None: ...
 
+class DossierResponse(_message.Message):
+    __slots__ = ("dossier_json",)
+    DOSSIER_JSON_FIELD_NUMBER: _ClassVar[int]
+    dossier_json: str
+    def __init__(self, dossier_json: _Optional[str] = ...) -> None: ...
+
 class GrantInfo(_message.Message):
     __slots__ = ("node", "outcome", "reason", "grant_json", "updated")
     NODE_FIELD_NUMBER: _ClassVar[int]

@@ -409,6 +409,11 @@ class JobServiceStub:
                 request_serializer=wharf_dot_proto_dot_wharf__pb2.LedgerRequest.SerializeToString,
                 response_deserializer=wharf_dot_proto_dot_wharf__pb2.LedgerResponse.FromString,
                 _registered_method=True)
+        self.GetDossier = channel.unary_unary(
+                '/wharf.v1.JobService/GetDossier',
+                request_serializer=wharf_dot_proto_dot_wharf__pb2.JobRef.SerializeToString,
+                response_deserializer=wharf_dot_proto_dot_wharf__pb2.DossierResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -464,6 +469,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDossier(self, request, context):
+        """Operators: everything needed to package a completed job as a product (signed
+        records verbatim, ledger entries with certificates); see coordinator/dossier.py.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -506,6 +519,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetLedger,
                     request_deserializer=wharf_dot_proto_dot_wharf__pb2.LedgerRequest.FromString,
                     response_serializer=wharf_dot_proto_dot_wharf__pb2.LedgerResponse.SerializeToString,
+            ),
+            'GetDossier': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDossier,
+                    request_deserializer=wharf_dot_proto_dot_wharf__pb2.JobRef.FromString,
+                    response_serializer=wharf_dot_proto_dot_wharf__pb2.DossierResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -725,6 +743,33 @@ class JobService:
             '/wharf.v1.JobService/GetLedger',
             wharf_dot_proto_dot_wharf__pb2.LedgerRequest.SerializeToString,
             wharf_dot_proto_dot_wharf__pb2.LedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDossier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wharf.v1.JobService/GetDossier',
+            wharf_dot_proto_dot_wharf__pb2.JobRef.SerializeToString,
+            wharf_dot_proto_dot_wharf__pb2.DossierResponse.FromString,
             options,
             channel_credentials,
             insecure,

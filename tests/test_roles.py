@@ -53,6 +53,7 @@ ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("JobService", "DownloadModel"): frozenset({"developer", "operator"}),
     ("JobService", "ListNodes"): frozenset({"developer", "operator"}),
     ("JobService", "GetLedger"): frozenset({"developer", "operator"}),
+    ("JobService", "GetDossier"): frozenset({"operator"}),
 }
 """Who may call what. A role not listed must get PERMISSION_DENIED."""
 
@@ -72,6 +73,7 @@ SAMPLE: dict[str, Message] = {
     "WatchJob": pb.WatchJobRequest(job_id="nope"),
     "CancelJob": pb.JobRef(job_id="nope"),
     "DownloadModel": pb.JobRef(job_id="nope"),
+    "GetDossier": pb.JobRef(job_id="nope"),
 }
 
 

@@ -16,6 +16,7 @@ verified before the file appears at the destination.
 from __future__ import annotations
 
 import builtins
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,14 @@ class Client:
             raise TransferError("downloaded model is not the job's recorded model")
         os.replace(path, dest)
         return pb.BlobRef(sha256=sha, size=dest.stat().st_size)
+
+    def dossier(self, job_id: str) -> dict[str, Any]:
+        """A completed job's dossier (operators): what a product passport is built from."""
+        response = self._call("GetDossier", pb.JobRef(job_id=job_id))
+        value = json.loads(response.dossier_json)
+        if not isinstance(value, dict):
+            raise ValueError("the coordinator sent a malformed dossier")
+        return value
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:

@@ -58,10 +58,13 @@ corrupt the model, which is why the coordinator also refuses sums outside
 (randomised Hadamard) before quantising so that no coordinate is much larger
 than ``||x|| / sqrt(d)``; that lets them use small rings (e.g. 16–20 bits) with
 modular clipping. Our ring is 32 bits and we size the headroom for the worst
-case ``|x_j| ≤ ||x||`` instead, which still leaves ``γC ≥ 100 sqrt(d)`` for
-models up to tens of millions of parameters at realistic ``max_nodes`` and noise
-levels (:func:`make_plan` raises a clear error when it does not). No rotation
-means no wrap analysis, no padding to a power of two, and no extra seed.
+case ``|x_j| ≤ ||x||`` instead. Since ``node_bound ≈ γC (1 + τ z / sqrt(m))``,
+``γC ≥ 100 sqrt(d)`` is reachable whenever roughly
+``z ≤ (sqrt(m)/τ) · (2^31 / (100 · max_nodes · sqrt(d)) − 1)`` — e.g. z ≤ 12 for
+10^7 parameters, 64 nodes and m = 2; z ≤ 56 for 10^6 parameters, 100 nodes and
+m = 10 — and :func:`make_plan` raises a clear error beyond. No rotation means no
+wrap analysis, no padding to a power of two and no shared rotation seed; a
+rotation (or a smaller τ) is the way to go further.
 
 **Randomness.** All randomness (rounding and noise) comes from AES-128-CTR
 keystreams (:class:`wharf.algorithms.secagg.prg.KeyStream`) under a fresh
@@ -177,7 +180,8 @@ def _derived(
     Every party — the nodes and the coordinator — recomputes the plan independently, so
     these must be bit-identical on every platform; no ``log``/``exp`` here.
     """
-    mu_total = (noise_multiplier * scale * clip) ** 2 / 2.0
+    std = noise_multiplier * scale * clip  # x * x, not x ** 2: pow() may differ by an ulp
+    mu_total = std * std / 2.0
     mu_per_node = mu_total / min_contributors
     root_d = math.sqrt(num_params)
     l2 = scale * clip + root_d
@@ -312,16 +316,19 @@ class SkellamPlan:
             missing, extra = sorted(names - set(raw)), sorted(set(raw) - names)
             raise ValueError(f"Skellam plan fields: missing {missing}, unknown {extra}")
         values = dict(raw)
-        for name in ("clip", "noise_multiplier", "scale", "mu_total", "mu_per_node",
-                     "l2_sensitivity", "l1_sensitivity", "tail_factor"):  # fmt: skip
+        for name in _REAL_FIELDS:
             v = values[name]
             if not _is_real(v):
                 raise ValueError(f"Skellam plan {name} must be a finite number, got {v!r}")
             values[name] = float(v)
-        for name in ("num_params", "min_contributors", "max_nodes", "node_bound", "ring_bits"):
+        for name in _INT_FIELDS:
             if not _is_int(values[name]):
                 raise ValueError(f"Skellam plan {name} must be an integer, got {values[name]!r}")
         return cls(**values)
+
+
+_REAL_FIELDS = tuple(f.name for f in fields(SkellamPlan) if f.type in ("float", float))
+_INT_FIELDS = tuple(f.name for f in fields(SkellamPlan) if f.type in ("int", int))
 
 
 def make_plan(
@@ -369,7 +376,8 @@ def make_plan(
     limit = (1 << (ring_bits - 1)) - 1
 
     def fits(scale: float) -> bool:
-        mu_pn = (noise_multiplier * scale * clip) ** 2 / 2.0 / min_contributors
+        std = noise_multiplier * scale * clip
+        mu_pn = std * std / 2.0 / min_contributors
         if mu_pn > MAX_MU:
             return False
         return max_nodes * _node_bound(scale, clip, mu_pn, tail_factor) <= limit
