@@ -80,12 +80,14 @@ def build_dossier(ctx: Context, job_id: str) -> dict[str, Any]:
     head = {"seq": 0, "hash": ""}
     ledger = ctx.audit.ledger if ctx.audit is not None else None
     if ledger is not None:
+        from wharf.product import ledger_entry_to_dict
+
+        # The head the passport cites is this job's own entry (another job may append
+        # to the ledger at any moment, so the ledger's global head would not be).
+        ledger.append("dossier_exported", job_id, {"model_sha256": job.model_sha})
         for e in ledger.entries(job_id=job_id):
-            entry = e.to_dict()
-            entry["signer_cert_pem"] = e.signer_cert_pem.decode("ascii")
-            entries.append(entry)
-        if entries:
-            head = {"seq": entries[-1]["seq"], "hash": entries[-1]["entry_hash"]}
+            entries.append(ledger_entry_to_dict(e))
+        head = {"seq": entries[-1]["seq"], "hash": entries[-1]["entry_hash"]}
     privacy = store.privacy(job_id)
     return {
         "format": DOSSIER_FORMAT,
@@ -125,3 +127,53 @@ def build_dossier(ctx: Context, job_id: str) -> dict[str, Any]:
 def encode(dossier: dict[str, Any]) -> str:
     """Canonical JSON text of a dossier (sorted keys, no NaN)."""
     return json.dumps(dossier, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+VALUATION_FORMAT = "wharf-valuation/1"
+
+
+def valuation_bytes(ctx: Context, job_id: str) -> bytes:
+    """The clear-text valuation material of a completed ``valuation.mode = "clear"`` job.
+
+    One safetensors file: for every round, the model it started from
+    (``r{round}/global/{tensor}``) and each contributing node's update
+    (``r{round}/node/{node}/{tensor}``); the metadata lists rounds, nodes and their
+    example counts. An exchange operator computes contribution scores from it with
+    its own validation data (:mod:`wharf.valuation`).
+    """
+    from safetensors.numpy import save
+
+    from wharf.algorithms import models
+
+    job = ctx.store.get_job(job_id)
+    if job is None:
+        raise DossierError(f"unknown job {job_id!r}")
+    spec = json.loads(job.spec_json)
+    if spec.get("valuation", {}).get("mode") != "clear":
+        raise DossierError(
+            f"job {job_id} keeps no valuation material (its spec has no valuation.mode = "
+            '"clear"; the nodes did not consent to it)'
+        )
+    if job.state != "completed":
+        raise DossierError(f"job {job_id} is {job.state}; valuation needs a completed job")
+    rows = ctx.store.valuation_updates(job_id)
+    tensors: dict[str, Any] = {}
+    rounds: dict[int, dict[str, int]] = {}
+    for row in rows:
+        rnd = int(row["round"])
+        if rnd not in rounds:
+            start = models.weights_from_bytes(ctx.blobs.get_bytes(row["start_model_sha"]))
+            for name, arr in start.items():
+                tensors[f"r{rnd}/global/{name}"] = arr
+            rounds[rnd] = {}
+        delta = models.weights_from_bytes(ctx.blobs.get_bytes(row["delta_sha"]))
+        for name, arr in delta.items():
+            tensors[f"r{rnd}/node/{row['node']}/{name}"] = arr
+        rounds[rnd][row["node"]] = int(row["num_examples"])
+    meta = {
+        "format": VALUATION_FORMAT,
+        "job_id": job_id,
+        "job_hash": job.job_hash,
+        "rounds": json.dumps({str(r): n for r, n in sorted(rounds.items())}, sort_keys=True),
+    }
+    return bytes(save(tensors, metadata=meta))

@@ -289,6 +289,21 @@ class JobServicer(pb_grpc.JobServiceServicer):
             )
         return pb.DossierResponse(dossier_json=text)
 
+    @rpc("operator", streaming=True)
+    def GetValuation(  # noqa: N802
+        self, request: pb.JobRef, context: grpc.ServicerContext, *, caller: Caller
+    ) -> Iterator[pb.BlobChunk]:
+        """Clear-text valuation material of a consenting job (operators only)."""
+        from wharf.coordinator.dossier import DossierError, valuation_bytes
+
+        self._job(request.job_id, caller)
+        try:
+            data = valuation_bytes(self.ctx, request.job_id)
+        except DossierError as exc:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        ref = self.ctx.blobs.put_bytes(data)
+        yield from self.ctx.blobs.iter_chunks(ref.sha256)
+
     @rpc("developer", "operator")
     def ListNodes(  # noqa: N802
         self, request: pb.ListNodesRequest, context: grpc.ServicerContext, *, caller: Caller

@@ -608,6 +608,17 @@ class JobRunner(threading.Thread):
                 ctx.blobs.put_bytes(models.weights_to_bytes(new_state)).sha256 if new_state else ""
             )
             self._check()
+            if self.spec.valuation.mode == "clear":
+                # Consented in every grant (the spec says so): keep each update for valuation.
+                kept = {
+                    r.node: (
+                        ctx.blobs.put_bytes(Path(r.blob_path).read_bytes()).sha256,
+                        r.num_examples,
+                    )
+                    for r in ok
+                    if r.blob_path is not None
+                }
+                ctx.store.set_valuation_updates(self.job_id, rnd, model_sha, kept)
             ctx.store.complete_round(
                 self.job_id,
                 rnd,

@@ -106,6 +106,19 @@ job_privacy = sa.Table(
     sa.Column("updated", sa.Float, nullable=False),
 )
 
+valuation_updates = sa.Table(
+    "valuation_updates",
+    metadata,
+    # Consented clear-text valuation (valuation.mode = "clear"): each node's update per
+    # round and the model the round started from, kept as blobs for the operator.
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.job_id"), primary_key=True),
+    sa.Column("round", sa.Integer, primary_key=True),
+    sa.Column("node", sa.String(64), primary_key=True),
+    sa.Column("start_model_sha", sa.String(64), nullable=False),
+    sa.Column("delta_sha", sa.String(64), nullable=False),
+    sa.Column("num_examples", sa.BigInteger, nullable=False),
+)
+
 decisions = sa.Table(
     "decisions",
     metadata,
@@ -312,6 +325,37 @@ class Store:
         q = sa.select(job_privacy.c.privacy_json).where(job_privacy.c.job_id == job_id)
         with self.engine.connect() as c:
             return str(c.execute(q).scalar_one_or_none() or "")
+
+    def set_valuation_updates(
+        self, job_id: str, rnd: int, start_model_sha: str, updates: dict[str, tuple[str, int]]
+    ) -> None:
+        """Keep round ``rnd``'s clear-text updates (node -> (delta blob sha, examples))."""
+        with self.tx() as c:
+            c.execute(
+                valuation_updates.delete().where(
+                    valuation_updates.c.job_id == job_id, valuation_updates.c.round == rnd
+                )
+            )
+            for node, (sha, n) in sorted(updates.items()):
+                c.execute(
+                    valuation_updates.insert().values(
+                        job_id=job_id,
+                        round=rnd,
+                        node=node,
+                        start_model_sha=start_model_sha,
+                        delta_sha=sha,
+                        num_examples=n,
+                    )
+                )
+
+    def valuation_updates(self, job_id: str) -> list[dict[str, Any]]:
+        q = (
+            valuation_updates.select()
+            .where(valuation_updates.c.job_id == job_id)
+            .order_by(valuation_updates.c.round, valuation_updates.c.node)
+        )
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
 
     # -- rounds --------------------------------------------------------------
     def start_round(self, job_id: str, rnd: int, attempt: int, node_names: Sequence[str]) -> None:

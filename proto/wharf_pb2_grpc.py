@@ -414,6 +414,11 @@ class JobServiceStub:
                 request_serializer=wharf_dot_proto_dot_wharf__pb2.JobRef.SerializeToString,
                 response_deserializer=wharf_dot_proto_dot_wharf__pb2.DossierResponse.FromString,
                 _registered_method=True)
+        self.GetValuation = channel.unary_stream(
+                '/wharf.v1.JobService/GetValuation',
+                request_serializer=wharf_dot_proto_dot_wharf__pb2.JobRef.SerializeToString,
+                response_deserializer=wharf_dot_proto_dot_wharf__pb2.BlobChunk.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -477,6 +482,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetValuation(self, request, context):
+        """Operators: a valuation.mode = "clear" job's per-round updates (one safetensors file).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -524,6 +536,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetDossier,
                     request_deserializer=wharf_dot_proto_dot_wharf__pb2.JobRef.FromString,
                     response_serializer=wharf_dot_proto_dot_wharf__pb2.DossierResponse.SerializeToString,
+            ),
+            'GetValuation': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetValuation,
+                    request_deserializer=wharf_dot_proto_dot_wharf__pb2.JobRef.FromString,
+                    response_serializer=wharf_dot_proto_dot_wharf__pb2.BlobChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -770,6 +787,33 @@ class JobService:
             '/wharf.v1.JobService/GetDossier',
             wharf_dot_proto_dot_wharf__pb2.JobRef.SerializeToString,
             wharf_dot_proto_dot_wharf__pb2.DossierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetValuation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/wharf.v1.JobService/GetValuation',
+            wharf_dot_proto_dot_wharf__pb2.JobRef.SerializeToString,
+            wharf_dot_proto_dot_wharf__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,7 @@ ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("JobService", "ListNodes"): frozenset({"developer", "operator"}),
     ("JobService", "GetLedger"): frozenset({"developer", "operator"}),
     ("JobService", "GetDossier"): frozenset({"operator"}),
+    ("JobService", "GetValuation"): frozenset({"operator"}),
 }
 """Who may call what. A role not listed must get PERMISSION_DENIED."""
 
@@ -74,6 +75,7 @@ SAMPLE: dict[str, Message] = {
     "CancelJob": pb.JobRef(job_id="nope"),
     "DownloadModel": pb.JobRef(job_id="nope"),
     "GetDossier": pb.JobRef(job_id="nope"),
+    "GetValuation": pb.JobRef(job_id="nope"),
 }
 
 

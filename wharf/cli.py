@@ -9,6 +9,7 @@ from wharf.ca_cli import ca_app
 from wharf.coordinator.cli import coordinator_app
 from wharf.job_cli import job_app
 from wharf.node.cli import node_app
+from wharf.product_cli import product_app
 
 app = typer.Typer(
     name="wharf",
@@ -22,6 +23,7 @@ app.add_typer(coordinator_app)
 app.add_typer(node_app)
 app.add_typer(job_app)
 app.add_typer(audit_app)
+app.add_typer(product_app)
 
 
 @app.command("demo")

@@ -163,6 +163,17 @@ class Client:
         os.replace(path, dest)
         return pb.BlobRef(sha256=sha, size=dest.stat().st_size)
 
+    def download_valuation(self, job_id: str, dest: str | Path) -> Path:
+        """Download a clear-text valuation file (operators; ``valuation.mode = "clear"``)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        chunks = self._stub.GetValuation(
+            pb.JobRef(job_id=job_id), timeout=DOWNLOAD_DEADLINE_S, metadata=self._metadata
+        )
+        path, _ = receive_chunks(chunks, dest.parent)
+        os.replace(path, dest)
+        return dest
+
     def dossier(self, job_id: str) -> dict[str, Any]:
         """A completed job's dossier (operators): what a product passport is built from."""
         response = self._call("GetDossier", pb.JobRef(job_id=job_id))

@@ -100,6 +100,22 @@ class BundleSection:
 
 
 @dataclass(frozen=True)
+class ValuationSection:
+    """How the job's data holders' contributions may be valued for a product.
+
+    ``"none"``: no valuation material is kept. ``"clear"``: consented clear-text
+    valuation — the coordinator keeps every node's per-round update so an exchange
+    operator can compute exact (per-round) Shapley values; only for plaintext jobs,
+    and every node sees this in the spec it grants, so granting is consenting.
+    """
+
+    mode: str = "none"
+
+
+VALUATION_MODES = ("none", "clear")
+
+
+@dataclass(frozen=True)
 class RecordLevelDP:
     """DP-SGD inside each node: per-sample clipping, Gaussian noise, Poisson sampling.
 
@@ -155,6 +171,7 @@ class JobSpec:
     federation: FederationSection = field(default_factory=FederationSection)
     bundle: BundleSection = field(default_factory=BundleSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    valuation: ValuationSection = field(default_factory=ValuationSection)
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +185,8 @@ class JobSpec:
         privacy = {k: v for k, v in out.pop("privacy").items() if v is not None}
         if privacy:
             out["privacy"] = privacy
+        if out["valuation"]["mode"] == "none":
+            del out["valuation"]
         return _lists(out)
 
     def canonical_json(self) -> str:
@@ -203,6 +222,7 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingSection,
     "federation": FederationSection,
     "bundle": BundleSection,
+    "valuation": ValuationSection,
 }
 _PRIVACY_LEVELS: dict[str, type] = {
     "record_level": RecordLevelDP,
@@ -402,6 +422,13 @@ def validate(spec: JobSpec) -> None:
                 "privacy.participant_level.min_contributors (or federation.min_nodes) must "
                 "not exceed federation.max_nodes"
             )
+    if spec.valuation.mode not in VALUATION_MODES:
+        raise SpecError(f"valuation.mode must be one of {', '.join(VALUATION_MODES)}")
+    if spec.valuation.mode == "clear" and f.secure:
+        raise SpecError(
+            'valuation.mode = "clear" lets the coordinator keep every update in the clear; '
+            "it needs federation.secure = false (and every node's consent, given by its grant)"
+        )
     b = spec.bundle
     if m.kind == "bundle":
         if not ENTRY_RE.match(b.model):

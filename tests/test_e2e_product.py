@@ -1,0 +1,111 @@
+"""Model products end to end: a real federation trains a job whose spec consents to
+clear-text valuation; the exchange operator packages it with the real ``wharf product
+package`` command (dossier and model from the coordinator, contribution scores from
+the operator's validation data, revenue split); the product verifies offline after
+every process is gone, and a tampered copy does not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fedutil import HOSPITALS, spec, start_federation
+
+from wharf import spec as spec_mod
+
+pytestmark = pytest.mark.slow
+
+
+def wharf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wharf.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def shuffle_labels(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """hospital-c holds noise: its labels are shuffled (its features are real)."""
+    if name == "hospital-c":
+        rng = np.random.default_rng(0)  # test data, not secret material
+        frame["diagnosis"] = rng.permutation(frame["diagnosis"].to_numpy())
+    return frame
+
+
+def test_package_verify_offline_and_tamper(tmp_path: Path) -> None:
+    fed, test = start_federation(tmp_path, edit=shuffle_labels)
+    raw = spec(4, secure=False, min_nodes=3)
+    raw["valuation"] = {"mode": "clear"}
+    validation = tmp_path / "validation.csv"
+    test.to_csv(validation, index=False)
+    product = tmp_path / "cancer-model.wharf"
+    with fed, fed.client() as client:
+        job = client.submit(spec_mod.from_dict(raw))
+        final = client.wait(job.job_id)
+        assert final.state == "completed", final.reason
+        ca = str(fed.ca_pem)
+        common = ["--coordinator", fed.address, "--ca", ca]
+        # A developer may not package (operators only).
+        dev_cert, dev_key = fed.identity("developer", "alice")
+        denied = wharf(
+            "product", "package", job.job_id, "-o", str(tmp_path / "x.wharf"),
+            "--licence", "research only", "--price", "100", "--currency", "EUR",
+            "--cert", str(dev_cert), "--key", str(dev_key), *common,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert denied.returncode != 0 and not (tmp_path / "x.wharf").exists()
+        assert "PERMISSION_DENIED" in denied.stderr + denied.stdout or "operator" in (
+            denied.stderr + denied.stdout
+        )
+        cert, key = fed.identity("operator", "exchange")
+        made = wharf(
+            "product", "package", job.job_id, "-o", str(product),
+            "--licence", "Non-exclusive research licence, 12 months",
+            "--price", "250000", "--currency", "EUR",
+            "--validation", str(validation), "--label", "diagnosis",
+            "--cert", str(cert), "--key", str(key), *common,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stdout + made.stderr
+        assert "clear-text exact per-round Shapley" in made.stdout
+    # Every process is gone: verification needs only the file and the CA certificate.
+    ok = wharf("product", "verify", str(product), "--ca", ca, "--json", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+
+    with zipfile.ZipFile(product) as z:
+        passport = json.loads(z.read("passport.json"))
+    scores = passport["contribution"]["scores"]
+    assert set(scores) == set(HOSPITALS)
+    # The node holding noise is worth less than either honest node.
+    assert scores["hospital-c"] < min(scores["hospital-a"], scores["hospital-b"]), scores
+    shares = passport["revenue"]["shares"]
+    assert sum(shares.values()) == 250000
+    assert shares["hospital-c"] < min(shares["hospital-a"], shares["hospital-b"])
+    assert set(passport["participants"]) == set(HOSPITALS)
+
+    card = tmp_path / "card.md"
+    shown = wharf("product", "show", str(product), "--markdown", str(card), cwd=tmp_path)
+    assert shown.returncode == 0 and job.job_id in shown.stdout
+    assert job.job_id in card.read_text()
+
+    # One byte of the weights changed: verification fails and names the part.
+    tampered = tmp_path / "tampered.wharf"
+    with zipfile.ZipFile(product) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for info in src.infolist():
+            data = bytearray(src.read(info))
+            if info.filename == "model.safetensors":
+                data[-1] ^= 0x01
+            dst.writestr(info, bytes(data))
+    bad = wharf("product", "verify", str(tampered), "--ca", ca, cwd=tmp_path)
+    assert bad.returncode == 1
+    assert "weights" in bad.stdout + bad.stderr
