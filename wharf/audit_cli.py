@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cryptography import x509
 from rich.table import Table
 from rich.text import Text
 
-from wharf.console import err, fail, out
+from wharf.console import err, fail, out, read_ca_file
 from wharf.ledger import (
     Entry,
     FileAnchor,
@@ -48,21 +47,6 @@ PathArg = Annotated[
 TableOpt = Annotated[str, typer.Option("--table", help="Ledger table name in the database.")]
 
 
-def _read_ca(path: Path) -> bytes:
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        fail(f"CA certificate file not found: {path}")
-    except OSError as exc:
-        fail(f"cannot read CA certificate {path}: {exc.strerror or exc}")
-    try:
-        if not x509.load_pem_x509_certificates(pem):
-            raise ValueError
-    except ValueError:
-        fail(f"{path} is not a PEM certificate; pass the deployment's ca.pem with --ca")
-    return pem
-
-
 @audit_app.command("verify")
 def verify_command(
     path: PathArg,
@@ -80,7 +64,7 @@ def verify_command(
     ] = None,
 ) -> None:
     """Check every entry: hash chain, signatures, signer certificates. Exit 1 at the first fault."""
-    ca_pem = _read_ca(ca)
+    ca_pem = read_ca_file(ca)
     try:
         heads = FileAnchor(anchors).heads() if anchors is not None else []
         report = verify_path(path, ca_pem, table_name=table, expect_heads=heads, expect_name=signer)

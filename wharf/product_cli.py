@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from cryptography import x509
 from rich.text import Text
 
-from wharf.console import err, fail, out
+from wharf.console import err, fail, out, read_ca_file
 from wharf.identity import Identity, IdentityError
 from wharf.product import (
     ProductError,
@@ -149,21 +148,6 @@ def package_from_dossier(
     )
 
 
-def _read_ca(path: Path) -> bytes:
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        fail(f"CA certificate file not found: {path}")
-    except OSError as exc:
-        fail(f"cannot read CA certificate {path}: {exc.strerror or exc}")
-    try:
-        if not x509.load_pem_x509_certificates(pem):
-            raise ValueError
-    except ValueError:
-        fail(f"{path} is not a PEM certificate; pass the deployment's ca.pem with --ca")
-    return pem
-
-
 ProductArg = Annotated[Path, typer.Argument(help="The product file (NAME.wharf).")]
 
 
@@ -177,7 +161,7 @@ def verify_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check every signature and hash offline; exit 1 at the first failure, naming the part."""
-    ca_pem = _read_ca(ca)
+    ca_pem = read_ca_file(ca)
     if not path.is_file():
         fail(f"product file not found: {path}")
     result = verify_product(path, ca_pem)
