@@ -94,7 +94,9 @@ def test_manual_approval_revocation_receipts_ledgers_destruction(tmp_path: Path)
         assert job.job_id in listing
         shown = fed.node_cli("hospital-a", ["node", "grant", "show", job.job_id])
         assert "medical-research" in shown and "alice" in shown
-        for h in HOSPITALS:
+        # hospital-c first: the job starts once min_nodes (2) have granted, and the test
+        # needs hospital-c in round 1 (under load, a late third approval misses it).
+        for h in ("hospital-c", "hospital-a", "hospital-b"):
             fed.node_cli(h, ["node", "grant", "approve", job.job_id])
         events = client.watch(job.job_id)
         for ev in events:
