@@ -106,19 +106,26 @@ def per_row_losses(weights: dict[str, np.ndarray], frame: pd.DataFrame) -> np.nd
     with torch.no_grad():
         x = torch.from_numpy(np.array(frame[feats].to_numpy(np.float32)))
         y = torch.from_numpy(np.array(frame[LABEL].to_numpy(np.int64)))
-        return F.cross_entropy(net(x), y, reduction="none").numpy()
+        # float64: float32 cross-entropy underflows to exactly 0 on saturated outputs.
+        return F.cross_entropy(net(x).double(), y, reduction="none").numpy()
 
 
 def loss_threshold_attack(member_loss: np.ndarray, other_loss: np.ndarray) -> tuple[float, float]:
-    """ROC AUC and best advantage (max TPR − FPR) of "member iff loss < threshold"."""
-    scores = np.concatenate([-member_loss, -other_loss])
-    truth = np.concatenate([np.ones(member_loss.size), np.zeros(other_loss.size)])
-    order = np.argsort(-scores, kind="mergesort")
-    truth = truth[order]
-    tpr = np.concatenate([[0.0], np.cumsum(truth) / truth.sum()])
-    fpr = np.concatenate([[0.0], np.cumsum(1 - truth) / (1 - truth).sum()])
-    auc = float(np.trapezoid(tpr, fpr))
-    return auc, float(np.max(tpr - fpr))
+    """ROC AUC and best advantage (max TPR − FPR) of "member iff loss ≤ threshold".
+
+    Ties count half (AUC = P(member loss < other) + ½ P(equal), the Mann–Whitney form),
+    and thresholds sit between distinct loss values: saturated models give many
+    exactly equal losses, and breaking those ties by list order would invent a signal.
+    """
+    m = np.sort(np.asarray(member_loss, dtype=np.float64))
+    o = np.sort(np.asarray(other_loss, dtype=np.float64))
+    below = np.searchsorted(o, m, side="left")  # others with strictly lower loss
+    equal = np.searchsorted(o, m, side="right") - below
+    auc = float(np.sum(o.size - below - equal) + 0.5 * np.sum(equal)) / (m.size * o.size)
+    thresholds = np.unique(np.concatenate([m, o]))
+    tpr = np.searchsorted(m, thresholds, side="right") / m.size
+    fpr = np.searchsorted(o, thresholds, side="right") / o.size
+    return auc, float(max(0.0, np.max(tpr - fpr)))
 
 
 def evaluate(
@@ -156,26 +163,79 @@ def evaluate(
     )
 
 
-def central_overfit(members: pd.DataFrame, test: pd.DataFrame) -> Row:
-    """A deliberately overfit central model: shows the attack finds membership when it can."""
+def central_overfit(members: pd.DataFrame, test: pd.DataFrame, epsilon: float | None = None) -> Row:
+    """A deliberately overfit central model (400 epochs of Adam): the attack's reference.
+
+    With ``epsilon``, the same 400-epoch schedule runs as DP-SGD (σ calibrated to ε over
+    all its steps, δ = 1e-5, clip 1) — DP's effect where there is membership to find.
+    """
     from wharf.algorithms import models, training
+    from wharf.algorithms.privacy.accounting import record_level_guarantee
 
     feats = [c for c in members.columns if c != LABEL]
+    x = members[feats].to_numpy(np.float32)
+    y = members[LABEL].to_numpy(np.int64)
     t0 = time.perf_counter()
     net = models.init_model("mlp", (len(feats),), 2, {"hidden": HIDDEN}, 0)
-    settings = training.TrainSettings(optimizer="adam", lr=0.01, epochs=400, batch_size=16, seed=0)
-    training.train_local(
-        net, members[feats].to_numpy(np.float32), members[LABEL].to_numpy(np.int64), settings
-    )
+    epochs = 400
+    if epsilon is None:
+        settings = training.TrainSettings(
+            optimizer="adam", lr=0.01, epochs=epochs, batch_size=16, seed=0
+        )
+        training.train_local(net, x, y, settings)
+        name, detail, stated = (
+            f"central, no DP, overfit ({epochs} epochs)",
+            "attack reference",
+            None,
+        )
+    else:
+        g = record_level_guarantee(
+            epsilon=epsilon,
+            delta=1e-5,
+            clip=1.0,
+            num_rows=len(y),
+            batch_size=16,
+            epochs=epochs,
+            rounds=1,
+        )
+        settings = training.TrainSettings(
+            optimizer="adam", lr=0.01, epochs=epochs, batch_size=16, seed=0
+        )
+        dp = training.DPSGDSettings(
+            noise_multiplier=float(g.mechanism["noise_multiplier"]),
+            max_grad_norm=1.0,
+            sample_rate=float(g.mechanism["sample_rate"]),
+        )
+        training.train_local(net, x, y, settings, dp=dp)
+        name = f"central, DP-SGD ε={epsilon:g}, same {epochs}-epoch schedule"
+        detail = f"σ {g.mechanism['noise_multiplier']:.3g}, {g.mechanism['steps']} steps"
+        stated = g.epsilon
     weights = models.model_to_arrays(net)
-    return evaluate(
-        "central, no DP, overfit (400 epochs)",
-        weights,
-        members,
-        test,
-        time.perf_counter() - t0,
-        detail="reference for the attack's power",
-    )
+    return evaluate(name, weights, members, test, time.perf_counter() - t0, epsilon, stated, detail)
+
+
+def add_central(out_stem: str, epsilons: list[float]) -> dict[str, Any]:
+    """Add central DP-SGD rows on the overfit schedule to an existing result file."""
+    from wharf.datasets import load_breast_cancer, scale_to_published_ranges
+    from wharf.demo import split_non_iid
+
+    split = split_non_iid(scale_to_published_ranges(load_breast_cancer()))
+    members = pd.concat(split.parts.values(), ignore_index=True)
+    path = RESULTS / f"{out_stem}.json"
+    result = json.loads(path.read_text())
+    rows = [r for r in result["rows"] if not r["setting"].startswith("central, DP-SGD")]
+    for eps in epsilons:
+        row = central_overfit(members, split.test, eps)
+        print(
+            f"[privacy] {row.setting}: accuracy {row.accuracy:.4f}, "
+            f"MIA AUC {row.mia_auc:.3f}, advantage {row.mia_advantage:.3f}",
+            flush=True,
+        )
+        rows.append(asdict(row))
+    result["rows"] = rows
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{out_stem}.md").write_text(markdown(result))
+    return result
 
 
 def run(rounds: int, epsilons: list[float], out_stem: str) -> dict[str, Any]:
@@ -256,6 +316,8 @@ def run(rounds: int, epsilons: list[float], out_stem: str) -> dict[str, Any]:
         fed.stop_all()
         shutil.rmtree(root, ignore_errors=True)
     rows.append(central_overfit(members, split.test))
+    for eps in epsilons:
+        rows.append(central_overfit(members, split.test, eps))
     result = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
@@ -303,8 +365,15 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, ε = 4 only")
+    parser.add_argument(
+        "--add-central",
+        action="store_true",
+        help="only add central DP-SGD rows (overfit schedule) to the existing results",
+    )
     args = parser.parse_args()
-    if args.quick:
+    if args.add_central:
+        add_central("quick-privacy" if args.quick else "privacy", [1.0, 4.0, 8.0])
+    elif args.quick:
         run(3, [4.0], "quick-privacy")
     else:
         run(20, [1.0, 4.0, 8.0], "privacy")
