@@ -619,18 +619,24 @@ class JobRunner(threading.Thread):
                     if r.blob_path is not None
                 }
                 ctx.store.set_valuation_updates(self.job_id, rnd, model_sha, kept)
+            summary = metrics_summary(ok)
             ctx.store.complete_round(
                 self.job_id,
                 rnd,
                 model_sha=model_ref.sha256,
                 model_size=model_ref.size,
                 strategy_state_sha=state_ref_sha,
-                metrics=metrics_summary(ok),
+                metrics=summary,
                 node_names=[r.node for r in ok],
             )
             self._log(
                 "round_finished",
-                {"round": rnd, "model_sha256": model_ref.sha256, "nodes": [r.node for r in ok]},
+                {
+                    "round": rnd,
+                    "model_sha256": model_ref.sha256,
+                    "nodes": [r.node for r in ok],
+                    "metrics": summary,
+                },
             )
         finally:
             for r in results:
@@ -807,6 +813,7 @@ class JobRunner(threading.Thread):
                 "model_sha256": model_ref.sha256,
                 "secure": True,
                 "nodes": sorted(outcome.contributors),
+                "metrics": metrics,
             },
         )
 

@@ -109,3 +109,25 @@ def test_package_verify_offline_and_tamper(tmp_path: Path) -> None:
     bad = wharf("product", "verify", str(tampered), "--ca", ca, cwd=tmp_path)
     assert bad.returncode == 1
     assert "weights" in bad.stdout + bad.stderr
+
+    # A dishonest operator improves a round's metric and signs again: the coordinator
+    # signed every round's metrics into its ledger, so the edit is still caught.
+    from wharf.identity import Identity, canonical_json
+    from wharf.product import sign_passport
+
+    operator = Identity.load(cert, key, fed.ca_pem)
+    with zipfile.ZipFile(product) as src:
+        files = {i.filename: src.read(i) for i in src.infolist()}
+    edited = json.loads(files["passport.json"])
+    edited["training"]["rounds"][0]["metrics"]["global_accuracy"] = 0.999
+    files["passport.json"] = canonical_json(edited)
+    files["passport.sig.json"] = canonical_json(sign_passport(edited, operator))
+    resigned = tmp_path / "resigned.wharf"
+    with zipfile.ZipFile(resigned, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in files.items():
+            dst.writestr(name, data)
+    caught = wharf("product", "verify", str(resigned), "--ca", ca, cwd=tmp_path)
+    assert caught.returncode == 1
+    assert "metrics differ from the coordinator's signed round_finished" in (
+        caught.stdout + caught.stderr
+    )

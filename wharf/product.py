@@ -1411,6 +1411,7 @@ class _Verifier:
                 f"stated settings differ from the spec: {_first_difference(t['settings'], want)}",
             )
         self.round_nodes: dict[int, set[str]] = {}
+        self.round_metrics: dict[int, dict[str, Any]] = {}
         for i, raw in enumerate(_list(t["rounds"], part, "rounds"), start=1):
             r = _obj(
                 raw,
@@ -1433,6 +1434,7 @@ class _Verifier:
             if rnd in self.round_nodes:
                 _fail(part, f"round {rnd} is listed twice (list each completed round once)")
             self.round_nodes[rnd] = set(nodes)
+            self.round_metrics[rnd] = dict(r["metrics"])
         completed = self.p["job"]["rounds_completed"]
         if len(self.round_nodes) != completed:
             _fail(
@@ -1591,16 +1593,26 @@ class _Verifier:
         for node, signed in sorted(self.signed_grants.items()):
             if signed.record_hash not in logged_grants:
                 _fail(part, f"the grant of {node} is not in the coordinator's ledger")
-        finished: dict[int, list[set[str]]] = {}
+        finished: dict[int, list[tuple[set[str], Any]]] = {}
         for _, p in by_kind.get("round_finished", []):
             if isinstance(p.get("round"), int) and isinstance(p.get("nodes"), list):
-                finished.setdefault(p["round"], []).append(set(p["nodes"]))
+                finished.setdefault(p["round"], []).append((set(p["nodes"]), p.get("metrics")))
         for rnd, nodes in sorted(self.round_nodes.items()):
-            if nodes not in finished.get(rnd, []):
+            logged = [m for n, m in finished.get(rnd, []) if n == nodes]
+            if not logged:
                 _fail(
                     part,
                     f"round {rnd} with {', '.join(sorted(nodes)) or 'no nodes'} has no matching "
                     "round_finished entry",
+                )
+            # The coordinator signs each round's metrics into its round_finished entry
+            # (entries from before it did carry none); stated metrics must be those.
+            signed_metrics = [m for m in logged if m is not None]
+            if signed_metrics and self.round_metrics[rnd] not in signed_metrics:
+                _fail(
+                    "training",
+                    f"round {rnd} metrics differ from the coordinator's signed round_finished "
+                    "entry",
                 )
 
     # -- 7. privacy -------------------------------------------------------------------
