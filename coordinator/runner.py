@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -213,11 +214,7 @@ class JobRunner(threading.Thread):
         for node, d in sorted(self.ctx.store.decisions(self.job_id).items()):
             if node not in contributors or not d.get("grant_json"):
                 continue
-            try:
-                body = json.loads(d["grant_json"])["body"]
-                dp = body["protections"]["dp"]
-            except (ValueError, KeyError, TypeError):
-                continue
+            dp = _grant_dp(d)
             if not dp:
                 continue
             spends[node] = {"epsilon": dp["epsilon"], "delta": dp["delta"]}
@@ -720,15 +717,14 @@ class JobRunner(threading.Thread):
         """Participant-level guarantees (with their Skellam plans) from the nodes' grants."""
         out: dict[str, Guarantee] = {}
         for node, d in self.ctx.store.decisions(self.job_id).items():
-            if d.get("outcome") != "granted" or not d.get("grant_json"):
+            if d.get("outcome") != "granted":
                 continue
-            try:
-                dp = json.loads(d["grant_json"])["body"]["protections"]["dp"] or {}
-                for g in (dp.get("plan") or {}).get("guarantees", []):
-                    if g.get("kind") == "participant_level":
+            for g in (_grant_dp(d).get("plan") or {}).get("guarantees", []):
+                if g.get("kind") == "participant_level":
+                    try:
                         out[node] = Guarantee.from_dict(g)
-            except (ValueError, KeyError, TypeError):
-                continue
+                    except ValueError:
+                        continue
         return out
 
     def _row_cap(self, nodes: list[NodeSession]) -> int:
@@ -837,6 +833,15 @@ class JobRunner(threading.Thread):
 
 class _Stopping(Exception):
     """Internal: the coordinator is shutting down."""
+
+
+def _grant_dp(decision: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``protections.dp`` table of a node's stored grant ({} if none or unreadable)."""
+    try:
+        dp = json.loads(decision.get("grant_json") or "{}")["body"]["protections"]["dp"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return dp if isinstance(dp, dict) else {}
 
 
 def _read_arrays(result: TaskResult) -> dict[str, np.ndarray]:

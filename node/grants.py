@@ -349,8 +349,8 @@ class GrantBook:
         over = budget_problem(status, job_id, spend)
         if over is not None:
             return over
-        if self.state_has_spend(c, name, job_id):
-            return None
+        if any(s.job_id == job_id for s in status.spends):
+            return None  # already charged: the same job decided again
         plan = json.dumps(verdict.privacy.to_dict(), sort_keys=True)
         self.state.add_spend(c, name, job_id, spend[0], spend[1], plan)
         after = BudgetStatus(name, verdict.budget, self.state.spends(name, c))
@@ -368,9 +368,6 @@ class GrantBook:
             },
         )
         return None
-
-    def state_has_spend(self, c: Connection, dataset: str, job_id: str) -> bool:
-        return any(s.job_id == job_id for s in self.state.spends(dataset, c))
 
     # -- decisions -------------------------------------------------------------------------
     def _sign(self, verdict: Verdict, job_id: str) -> tuple[Grant, str]:

@@ -617,19 +617,6 @@ class NodeState:
         with self.engine.connect() as c:
             return [_spend(r) for r in c.execute(q).mappings()]
 
-    def spend_of(self, dataset: str, job_id: str) -> Spend | None:
-        with self.engine.connect() as c:
-            r = (
-                c.execute(
-                    privacy_spends.select().where(
-                        privacy_spends.c.dataset == dataset, privacy_spends.c.job_id == job_id
-                    )
-                )
-                .mappings()
-                .first()
-            )
-        return _spend(r) if r else None
-
     def add_release(self, job_id: str, rnd: int) -> bool:
         """Record that ``job_id``'s round ``rnd`` aggregate was released with this node's
         data; False if it already was (the caller must then refuse to release it again)."""
