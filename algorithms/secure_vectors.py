@@ -18,6 +18,13 @@ Two kinds of content:
   example count and no metrics: with uniform weights the coordinator divides by
   the (public) number of contributors, and every extra data-dependent value
   would be a release outside the guarantee.
+* **Participant-level DP round with secure valuation** (:func:`dp_coalition_layout`):
+  the same noised ``update`` segment, then one segment per roster node ``j``
+  (``without.<j>``) holding the node's update again — or zeros in its own — each
+  with a *fresh* encoding and noise share. The one unmasking reveals the training
+  sum and every leave-one-out sum, each carrying the full participant-level noise;
+  the accountant composes them as separate releases
+  (:func:`wharf.algorithms.privacy.plan.releases_per_round`).
 * **Training round with record-level DP only**: :func:`update_layout` with
   ``metrics=False`` — the update (DP-SGD output) weighted by the dataset's row
   count, which the registration certificate already makes public, and no
@@ -32,11 +39,12 @@ Two kinds of content:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
+from wharf.algorithms.privacy import skellam
 from wharf.algorithms.privacy.skellam import SkellamPlan
 from wharf.algorithms.secagg.encoding import Segment, VectorLayout
 from wharf.algorithms.secagg.params import SecAggParams
@@ -116,6 +124,87 @@ def dp_update_layout(params: SecAggParams, plan: SkellamPlan) -> VectorLayout:
     return VectorLayout(
         [Segment.integer("update", plan.num_params, plan.node_bound)], params.max_nodes
     )
+
+
+COALITION_PREFIX = "without."
+"""Segment (and valuation-file) name of a leave-one-out sum: ``without.<node>``."""
+ALL_COALITION = "all"
+"""Valuation-file name of the training sum itself (every contributor)."""
+
+
+def coalition_label(node: str) -> str:
+    """Name of the leave-one-out sum over every contributor except ``node``."""
+    return COALITION_PREFIX + node
+
+
+def _roster(roster: Sequence[str], plan: SkellamPlan) -> list[str]:
+    names = sorted(roster)
+    if len(set(names)) != len(names) or not all(names):
+        raise VectorError("the roster must name distinct nodes")
+    if len(names) > plan.max_nodes:
+        raise VectorError(
+            f"a roster of {len(names)} nodes exceeds the {plan.max_nodes} leave-one-out sums "
+            "per round the participant-level plan pays for"
+        )
+    return names
+
+
+def dp_coalition_layout(
+    params: SecAggParams, plan: SkellamPlan, roster: Sequence[str]
+) -> VectorLayout:
+    """Layout for a participant-level DP round that also carries secure valuation:
+    ``update`` then ``without.<node>`` for each roster node (sorted by name)."""
+    dp_update_layout(params, plan)  # the same round-size check
+    segments = [Segment.integer("update", plan.num_params, plan.node_bound)]
+    segments += [
+        Segment.integer(coalition_label(n), plan.num_params, plan.node_bound)
+        for n in _roster(roster, plan)
+    ]
+    return VectorLayout(segments, params.max_nodes)
+
+
+def dp_coalition_inputs(
+    flat: NDArray[np.floating], plan: SkellamPlan, roster: Sequence[str], me: str
+) -> dict[str, NDArray[np.int64]]:
+    """A node's values for :func:`dp_coalition_layout`: every segment its own fresh
+    clip-scale-round-noise encoding (:func:`.skellam.encode_update`), zeros in its own
+    leave-one-out segment — which still gets a full noise share, so every revealed sum
+    holds as many noise shares as the round has contributors."""
+    names = _roster(roster, plan)
+    if me not in names:
+        raise VectorError(f"{me!r} is not in the round's roster")
+    zero = np.zeros(plan.num_params, dtype=np.float64)
+    out = {"update": skellam.encode_update(flat, plan)[0]}
+    for n in names:
+        out[coalition_label(n)] = skellam.encode_update(zero if n == me else flat, plan)[0]
+    return out
+
+
+def decode_coalitions(
+    sums: Mapping[str, NDArray[np.int64]],
+    contributors: Sequence[str],
+    roster: Sequence[str],
+    plan: SkellamPlan,
+) -> dict[str, tuple[NDArray[np.float32], int]]:
+    """``{label: (noised mean update, members)}`` for the training sum (``"all"``) and
+    each leave-one-out sum with at least one member.
+
+    Every sum holds ``len(contributors)`` noise shares, so each is refused (ValueError)
+    below the plan's ``min_contributors`` exactly like the training sum.
+    """
+    s = len(contributors)
+    present = set(contributors)
+    out = {ALL_COALITION: (skellam.decode_sum(np.asarray(sums["update"]), s, plan), s)}
+    for n in _roster(roster, plan):
+        members = s - (n in present)
+        if members < 1:
+            continue
+        total = np.asarray(sums[coalition_label(n)])
+        out[coalition_label(n)] = (
+            skellam.decode_sum(total, members, plan, noise_shares=s),
+            members,
+        )
+    return out
 
 
 def _limb_bits(params: SecAggParams) -> int:

@@ -133,13 +133,15 @@ VALUATION_FORMAT = "wharf-valuation/1"
 
 
 def valuation_bytes(ctx: Context, job_id: str) -> bytes:
-    """The clear-text valuation material of a completed ``valuation.mode = "clear"`` job.
+    """The valuation material of a completed ``valuation.mode = "clear"`` or ``"secure"`` job.
 
     One safetensors file: for every round, the model it started from
-    (``r{round}/global/{tensor}``) and each contributing node's update
-    (``r{round}/node/{node}/{tensor}``); the metadata lists rounds, nodes and their
-    example counts. An exchange operator computes contribution scores from it with
-    its own validation data (:mod:`wharf.valuation`).
+    (``r{round}/global/{tensor}``) and, in clear mode, each contributing node's update
+    (``r{round}/node/{node}/{tensor}``; the metadata lists rounds, nodes and their
+    example counts) or, in secure mode, the noised mean update of the training sum and
+    of every leave-one-out sum (``r{round}/coalition/{all|without.<node>}/{tensor}``;
+    the metadata lists each coalition's member count). An exchange operator computes
+    contribution scores from it with its own validation data (:mod:`wharf.valuation`).
     """
     from safetensors.numpy import save
 
@@ -149,11 +151,13 @@ def valuation_bytes(ctx: Context, job_id: str) -> bytes:
     if job is None:
         raise DossierError(f"unknown job {job_id!r}")
     spec = json.loads(job.spec_json)
-    if spec.get("valuation", {}).get("mode") != "clear":
+    mode = spec.get("valuation", {}).get("mode")
+    if mode not in ("clear", "secure"):
         raise DossierError(
             f"job {job_id} keeps no valuation material (its spec has no valuation.mode = "
-            '"clear"; the nodes did not consent to it)'
+            '"clear" or "secure")'
         )
+    kind = "node" if mode == "clear" else "coalition"
     if job.state != "completed":
         raise DossierError(f"job {job_id} is {job.state}; valuation needs a completed job")
     rows = ctx.store.valuation_updates(job_id)
@@ -168,12 +172,13 @@ def valuation_bytes(ctx: Context, job_id: str) -> bytes:
             rounds[rnd] = {}
         delta = models.weights_from_bytes(ctx.blobs.get_bytes(row["delta_sha"]))
         for name, arr in delta.items():
-            tensors[f"r{rnd}/node/{row['node']}/{name}"] = arr
+            tensors[f"r{rnd}/{kind}/{row['node']}/{name}"] = arr
         rounds[rnd][row["node"]] = int(row["num_examples"])
     meta = {
         "format": VALUATION_FORMAT,
         "job_id": job_id,
         "job_hash": job.job_hash,
+        "mode": mode,
         "rounds": json.dumps({str(r): n for r, n in sorted(rounds.items())}, sort_keys=True),
     }
     return bytes(save(tensors, metadata=meta))

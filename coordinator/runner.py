@@ -748,7 +748,13 @@ class JobRunner(threading.Thread):
         privacy = self.spec.privacy
         plan = self._skellam_plan(flat.size) if privacy.participant_level is not None else None
         make_layout: Callable[[SecAggParams], VectorLayout]
-        if plan is not None:
+        roster = sorted(s.name for s in nodes)
+        coalitions = plan is not None and self.spec.valuation.mode == "secure"
+        if plan is not None and coalitions:
+            make_layout = functools.partial(
+                secure_vectors.dp_coalition_layout, plan=plan, roster=roster
+            )
+        elif plan is not None:
             make_layout = functools.partial(secure_vectors.dp_update_layout, plan=plan)
         else:
             make_layout = functools.partial(
@@ -770,10 +776,32 @@ class JobRunner(threading.Thread):
                     np.asarray(outcome.sums["update"], dtype=np.int64), total, plan
                 )
                 metric_sums: dict[str, float] = {}
+                if coalitions:
+                    means = secure_vectors.decode_coalitions(
+                        outcome.sums, outcome.contributors, roster, plan
+                    )
             else:
                 mean, total, metric_sums = secure_vectors.decode_update(outcome.sums, row_cap)
-        except secure_vectors.VectorError as exc:
+        except (secure_vectors.VectorError, ValueError) as exc:
             raise RoundFailed(str(exc)) from None
+        if coalitions:
+            # Secure valuation: keep the noised coalition means (never an update) for the
+            # operator, next to the model the round started from.
+            kept = {
+                label: (
+                    ctx.blobs.put_bytes(
+                        models.weights_to_bytes(
+                            {
+                                k: v.astype(global_weights[k].dtype)
+                                for k, v in models.unflatten(m, layout).items()
+                            }
+                        )
+                    ).sha256,
+                    members,
+                )
+                for label, (m, members) in means.items()
+            }
+            ctx.store.set_valuation_updates(self.job_id, rnd, model_sha, kept)
         avg = models.unflatten(mean, layout)
         # Keep the reference dtypes (the vector carries float32 deltas).
         avg = {k: v.astype(global_weights[k].dtype) for k, v in avg.items()}

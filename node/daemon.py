@@ -552,7 +552,9 @@ class NodeDaemon:
             raise TaskError("this node runs in plaintext mode and cannot do secure aggregation")
         task_dir = self._prepare(stub, task, spec, registered, privacy)
         work: Future[LocalResult] = Future()
-        advert = self.secure.start(task, work, task_dir, privacy)
+        advert = self.secure.start(
+            task, work, task_dir, privacy, coalitions=spec.valuation.mode == "secure"
+        )
 
         def train() -> None:
             try:

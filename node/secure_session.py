@@ -80,6 +80,8 @@ class _Session:
     task_dir: Path
     privacy: JobPrivacy | None = None
     """The node's own DP plan for this job (from its grant), if the job has DP."""
+    coalitions: bool = False
+    """Secure valuation: also send one noised leave-one-out sum per roster node."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     contributed: LocalResult | None = None
     """The local result this node masked and sent (set at the share delivery)."""
@@ -119,8 +121,16 @@ class SecureSessions:
         work: Future[LocalResult],
         task_dir: Path,
         privacy: JobPrivacy | None = None,
+        *,
+        coalitions: bool = False,
     ) -> sa.SecAggAdvertiseKeys:
-        """Check the setup carried by a TRAIN/STATS task; return signed key advertisements."""
+        """Check the setup carried by a TRAIN/STATS task; return signed key advertisements.
+
+        ``coalitions`` (the granted spec's ``valuation.mode = "secure"``, only with a
+        participant-level plan) adds the leave-one-out sums to the masked vector.
+        """
+        if coalitions and (privacy is None or privacy.skellam is None):
+            raise SecureTaskError("secure valuation needs this node's participant-level plan")
         if task.weight_scale < 1:
             raise SecureTaskError("secure task lacks its public weight scale")
         if task.round in self.releases.released_rounds(task.job_id):
@@ -154,6 +164,7 @@ class SecureSessions:
                 work=work,
                 task_dir=task_dir,
                 privacy=privacy,
+                coalitions=coalitions and task.kind == pb.TASK_TRAIN,
             )
         return advert
 
@@ -251,9 +262,20 @@ class SecureSessions:
                         f"the update has {flat.size} values but this node's DP plan was made "
                         f"for {plan.num_params}"
                     )
-                layout = secure_vectors.dp_update_layout(client.params, plan)
-                noisy, _ = skellam.encode_update(flat, plan)
-                inputs = {"update": noisy}
+                if session.coalitions:
+                    try:
+                        layout = secure_vectors.dp_coalition_layout(
+                            client.params, plan, client.roster
+                        )
+                        inputs = secure_vectors.dp_coalition_inputs(
+                            flat, plan, client.roster, self.name
+                        )
+                    except secure_vectors.VectorError as exc:
+                        raise SecureTaskError(str(exc)) from None
+                else:
+                    layout = secure_vectors.dp_update_layout(client.params, plan)
+                    noisy, _ = skellam.encode_update(flat, plan)
+                    inputs = {"update": noisy}
             else:
                 layout = secure_vectors.update_layout(
                     client.params, flat.size, session.weight_scale, metrics=privacy is None

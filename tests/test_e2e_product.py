@@ -2,7 +2,9 @@
 clear-text valuation; the exchange operator packages it with the real ``wharf product
 package`` command (dossier and model from the coordinator, contribution scores from
 the operator's validation data, revenue split); the product verifies offline after
-every process is gone, and a tampered copy does not.
+every process is gone, and a tampered copy does not. A second job values the nodes in
+secure mode: secure aggregation with participant-level DP, leave-one-out scores from
+noised coalition sums only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pytest
 from fedutil import HOSPITALS, spec, start_federation
 
 from wharf import spec as spec_mod
+from wharf.algorithms.privacy.accounting import Guarantee
+from wharf.datasets import scale_to_published_ranges
 
 pytestmark = pytest.mark.slow
 
@@ -131,3 +135,56 @@ def test_package_verify_offline_and_tamper(tmp_path: Path) -> None:
     assert "metrics differ from the coordinator's signed round_finished" in (
         caught.stdout + caught.stderr
     )
+
+
+def scaled_and_shuffled(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """DP jobs use published-range scaling (no standardisation round); hospital-c's
+    labels are shuffled as above."""
+    return shuffle_labels(name, scale_to_published_ranges(frame))
+
+
+def test_secure_mode_contribution_from_noised_coalition_sums(tmp_path: Path) -> None:
+    fed, test = start_federation(tmp_path, edit=scaled_and_shuffled)
+    raw = spec(4, secure=True, min_nodes=3, timeout=90.0, lr=0.05)
+    raw["model"] = {"kind": "mlp", "num_classes": 2, "hidden": [16], "standardize": False}
+    raw["federation"]["max_nodes"] = 3  # type: ignore[index]
+    # Little noise (a large epsilon, reported): this test is about the pipeline; the
+    # utility at useful epsilons is measured in benchmarks/contribution_modes.py.
+    raw["privacy"] = {
+        "participant_level": {"noise_multiplier": 0.05, "delta": 1e-5, "clip": 1.0},
+    }
+    raw["valuation"] = {"mode": "secure"}
+    validation = tmp_path / "validation.csv"
+    scale_to_published_ranges(test).to_csv(validation, index=False)
+    product = tmp_path / "secure.wharf"
+    with fed, fed.client() as client:
+        job = client.submit(spec_mod.from_dict(raw))
+        final = client.wait(job.job_id)
+        assert final.state == "completed", final.reason
+        for r in final.rounds:
+            assert sorted(r.nodes) == list(HOSPITALS)
+        # Every node paid for 3 releases a round (the training sum and two leave-one-out
+        # sums it is in): 4 rounds x max_nodes 3 = 12 composed releases.
+        part = Guarantee.from_dict(json.loads(final.privacy_json)["participant_level"])
+        assert part.mechanism["rounds"] == 12
+        cert, key = fed.identity("operator", "exchange")
+        made = wharf(
+            "product", "package", job.job_id, "-o", str(product),
+            "--licence", "research only", "--price", "90000", "--currency", "EUR",
+            "--validation", str(validation), "--label", "diagnosis",
+            "--cert", str(cert), "--key", str(key),
+            "--coordinator", fed.address, "--ca", str(fed.ca_pem),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stdout + made.stderr
+        assert "secure leave-one-out" in made.stdout
+    ok = wharf("product", "verify", str(product), "--ca", str(fed.ca_pem), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    with zipfile.ZipFile(product) as z:
+        passport = json.loads(z.read("passport.json"))
+    assert passport["contribution"]["method"].startswith("secure leave-one-out")
+    scores = passport["contribution"]["scores"]
+    assert set(scores) == set(HOSPITALS)
+    assert scores["hospital-c"] < min(scores["hospital-a"], scores["hospital-b"]), scores
+    shares = passport["revenue"]["shares"]
+    assert shares["hospital-c"] < min(shares["hospital-a"], shares["hospital-b"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,14 +175,20 @@ def run_dp_round(
     deltas: dict[str, dict[str, np.ndarray]],
     plan: SkellamPlan,
     drop: str | None = None,
-) -> np.ndarray:
+    *,
+    coalitions: bool = False,
+) -> Any:
     """A participant-level DP round through SecureSessions; ``drop`` sends no masked input.
-    Returns the coordinator's decoded mean update."""
+    Returns the coordinator's decoded mean update, or with ``coalitions`` (secure
+    valuation) ``(decode_coalitions(...), raw integer sums)``."""
     from wharf.proto import secagg_pb2 as sa
 
     privacy = JobPrivacy(None, None, plan)
     params = choose_params(len(NAMES))
-    layout = secure_vectors.dp_update_layout(params, plan)
+    if coalitions:
+        layout = secure_vectors.dp_coalition_layout(params, plan, NAMES)
+    else:
+        layout = secure_vectors.dp_update_layout(params, plan)
     certs = {n: identities[n].cert_pem for n in NAMES}
     server = SecAggServer(
         job_id="job-1",
@@ -202,7 +209,8 @@ def run_dp_round(
             secagg=setups[i].SerializeToString(),
         )
         work = _local_result(tmp_path, n, deltas[n], 10)
-        server.receive_advertisement(sessions[n].start(task, work, tmp_path, privacy))
+        advert = sessions[n].start(task, work, tmp_path, privacy, coalitions=coalitions)
+        server.receive_advertisement(advert)
     phases = [
         ("key_directory", server.key_directories, server.receive_share_keys),
         ("share_delivery", server.share_deliveries, None),
@@ -228,6 +236,8 @@ def run_dp_round(
                 receive(parsed)
     sums = server.finish().decode(layout)
     survivors = [n for n in NAMES if n != drop]
+    if coalitions:
+        return secure_vectors.decode_coalitions(sums, survivors, NAMES, plan), sums
     return skellam.decode_sum(np.asarray(sums["update"], np.int64), len(survivors), plan)
 
 
@@ -265,3 +275,91 @@ def test_nodes_refuse_to_unmask_a_sum_with_too_few_noise_shares(
     with pytest.raises(SecureTaskError, match="needs at least 3 noise shares"):
         run_dp_round(identities, sessions, tmp_path, deltas, plan, drop="node-c")
     assert all(sessions[n].releases.released_rounds("job-1") == [] for n in NAMES)
+
+
+def _clipped(deltas: dict[str, dict[str, np.ndarray]], clip: float) -> dict[str, np.ndarray]:
+    out = {}
+    for n, d in deltas.items():
+        w = d["w"].astype(np.float64).ravel()
+        out[n] = w * min(1.0, clip / np.linalg.norm(w))
+    return out
+
+
+def test_secure_valuation_reveals_the_training_mean_and_each_leave_one_out_mean(
+    identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(5)
+    deltas = {n: {"w": rng.normal(0, 0.1, size=(4, 3)).astype(np.float32)} for n in NAMES}
+    plan = make_plan(1.0, 12, 2, 8, 1e-3)
+    sessions = {
+        n: SecureSessions(n, identities[n].signer().sign, identities[n].ca_pem) for n in NAMES
+    }
+    means, _ = run_dp_round(identities, sessions, tmp_path, deltas, plan, coalitions=True)
+    clipped = _clipped(deltas, 1.0)
+    tol = 6 * (plan.noise_multiplier * plan.clip / 2) + 3 / plan.scale
+    assert set(means) == {"all", *(f"without.{n}" for n in NAMES)}
+    np.testing.assert_allclose(means["all"][0], np.mean(list(clipped.values()), axis=0), atol=tol)
+    assert means["all"][1] == 3
+    for n in NAMES:
+        others = [clipped[m] for m in NAMES if m != n]
+        mean, members = means[f"without.{n}"]
+        assert members == 2
+        np.testing.assert_allclose(mean, np.mean(others, axis=0), atol=tol)
+    # Still one release per round at each node: the round was revealed once.
+    assert all(sessions[n].releases.released_rounds("job-1") == [1] for n in NAMES)
+
+
+def test_every_coalition_sum_carries_its_own_full_noise(
+    identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    """Zero updates: each revealed sum is pure noise. Every one must have the planned
+    variance (>= 2 mu_total, here 3 shares of a plan for 2) and be independent of the
+    others — the same noise in two sums would cancel in their difference and reveal
+    the left-out node's update exactly."""
+    d = 4096
+    deltas = {n: {"w": np.zeros(d, dtype=np.float32)} for n in NAMES}
+    plan = make_plan(1.0, d, 2, 8, 0.5)
+    sessions = {
+        n: SecureSessions(n, identities[n].signer().sign, identities[n].ca_pem) for n in NAMES
+    }
+    _, sums = run_dp_round(identities, sessions, tmp_path, deltas, plan, coalitions=True)
+    names = ["update", *(f"without.{n}" for n in NAMES)]
+    noise = {k: np.asarray(sums[k], dtype=np.float64) for k in names}
+    per_node = 2 * plan.mu_total / plan.min_contributors  # variance of one node's share
+    for k in names:
+        var = float(noise[k].var())
+        # 3 shares; the sample variance of 4096 values is within ~10 % (5 sigma ~ 11 %).
+        assert abs(var / (3 * per_node) - 1) < 0.15, (k, var, 3 * per_node)
+        assert var >= 2 * plan.mu_total
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            corr = float(np.corrcoef(noise[a], noise[b])[0, 1])
+            assert abs(corr) < 0.1, (a, b, corr)  # 5 sigma for 4096 pairs is 0.08
+
+
+def test_a_dropped_node_leaves_its_leave_one_out_sum_equal_to_the_training_sum(
+    identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(6)
+    deltas = {n: {"w": rng.normal(0, 0.1, size=(4, 3)).astype(np.float32)} for n in NAMES}
+    plan = make_plan(1.0, 12, 2, 8, 1e-3)
+    sessions = {
+        n: SecureSessions(n, identities[n].signer().sign, identities[n].ca_pem) for n in NAMES
+    }
+    means, _ = run_dp_round(
+        identities, sessions, tmp_path, deltas, plan, drop="node-c", coalitions=True
+    )
+    assert means["all"][1] == 2 and means["without.node-c"][1] == 2
+    assert means["without.node-a"][1] == 1  # node-b alone, with the noise of two shares
+    clipped = _clipped(deltas, 1.0)
+    tol = 6 * (plan.noise_multiplier * plan.clip) + 3 / plan.scale
+    np.testing.assert_allclose(means["without.node-a"][0], clipped["node-b"], atol=tol)
+
+
+def test_secure_valuation_needs_a_participant_level_plan(
+    identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    s = SecureSessions("node-a", identities["node-a"].signer().sign, identities["node-a"].ca_pem)
+    task = _task(pb.TASK_TRAIN, 1, secure=True, weight_scale=ROW_CAP, secagg=b"")
+    with pytest.raises(SecureTaskError, match="participant-level plan"):
+        s.start(task, Future(), tmp_path, None, coalitions=True)

@@ -265,8 +265,9 @@ def package_command(
         Path | None,
         typer.Option(
             "--validation",
-            help="Operator's validation data (CSV) for clear-text contribution scores "
-            '(jobs with valuation.mode = "clear").',
+            help="Operator's validation data (CSV) to compute contribution scores: "
+            'exact per-round Shapley for valuation.mode = "clear", leave-one-out on '
+            'DP-noised coalition sums for "secure".',
         ),
     ] = None,
     label: Annotated[str, typer.Option("--label", help="Label column of --validation.")] = "",
@@ -309,7 +310,7 @@ def package_command(
         client.download_model(job_id, weights)
         scores: Mapping[str, Any] | Path | None = contribution
         if validation is not None:
-            scores = _clear_text_scores(client, job_id, dossier, validation, label, Path(tmp))
+            scores = _computed_scores(client, job_id, dossier, validation, label, Path(tmp))
         try:
             path = package_from_dossier(
                 dossier,
@@ -331,22 +332,23 @@ def package_command(
     out.print(f"packaged job {job_id} as {path}", markup=False)
 
 
-def _clear_text_scores(
+def _computed_scores(
     client: Any, job_id: str, dossier: Mapping[str, Any], validation: Path, label: str, tmp: Path
 ) -> dict[str, Any]:
-    """Exact per-round Shapley scores from the job's clear-text updates and validation data."""
+    """Contribution scores from the job's valuation material and the operator's validation
+    data: clear-text per-round Shapley or secure leave-one-out, as the job's spec chose."""
     import numpy as np
     import pandas as pd
 
     from wharf import spec as spec_mod
-    from wharf.valuation import clear_text_scores
+    from wharf.valuation import clear_text_scores, secure_scores
 
     job = dossier["job"]
     spec = spec_mod.from_dict(job["spec"])
-    if spec.valuation.mode != "clear":
+    if spec.valuation.mode not in ("clear", "secure"):
         fail(
-            f"job {job_id} kept no clear-text updates (valuation.mode is {spec.valuation.mode!r}); "
-            "pass --contribution with scores computed otherwise"
+            f"job {job_id} kept no valuation material (valuation.mode is "
+            f"{spec.valuation.mode!r}); pass --contribution with scores computed otherwise"
         )
     if not label:
         fail("give --label, the label column of the validation CSV")
@@ -361,7 +363,11 @@ def _clear_text_scores(
     x = frame[features].to_numpy(np.float32)
     y = frame[label].to_numpy(np.int64)
     path = client.download_valuation(job_id, tmp / "valuation.safetensors")
-    result = clear_text_scores(path, spec, job["job_hash"], x, y)
+    compute = clear_text_scores if spec.valuation.mode == "clear" else secure_scores
+    try:
+        result = compute(path, spec, job["job_hash"], x, y)
+    except ValueError as exc:
+        fail(f"cannot compute contribution scores: {exc}")
     out.print(
         "contribution ("
         + result.method

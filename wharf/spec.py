@@ -107,12 +107,17 @@ class ValuationSection:
     valuation — the coordinator keeps every node's per-round update so an exchange
     operator can compute exact (per-round) Shapley values; only for plaintext jobs,
     and every node sees this in the spec it grants, so granting is consenting.
+    ``"secure"``: no update is ever seen; each round's masked vector also carries one
+    DP-noised leave-one-out sum per roster node (all nodes but that one), revealed in
+    the same unmasking as the training sum. Needs secure aggregation, participant-level
+    DP and ``federation.max_nodes``: every node pays for ``max_nodes`` releases per
+    round in its grant (see docs/contribution.md).
     """
 
     mode: str = "none"
 
 
-VALUATION_MODES = ("none", "clear")
+VALUATION_MODES = ("none", "clear", "secure")
 
 
 @dataclass(frozen=True)
@@ -429,6 +434,17 @@ def validate(spec: JobSpec) -> None:
             'valuation.mode = "clear" lets the coordinator keep every update in the clear; '
             "it needs federation.secure = false (and every node's consent, given by its grant)"
         )
+    if spec.valuation.mode == "secure":
+        if p.participant_level is None:
+            raise SpecError(
+                'valuation.mode = "secure" needs [privacy.participant_level]: its coalition '
+                "sums are revealed with the participant-level noise and charged to it"
+            )
+        if not f.max_nodes:
+            raise SpecError(
+                'valuation.mode = "secure" needs federation.max_nodes: a round reveals one '
+                "sum per roster node, and each node's grant pays for max_nodes releases"
+            )
     b = spec.bundle
     if m.kind == "bundle":
         if not ENTRY_RE.match(b.model):

@@ -45,7 +45,9 @@ __all__ = [
     "min_contributors",
     "model_size",
     "participant_plan",
+    "participant_releases",
     "plan_job_privacy",
+    "releases_per_round",
 ]
 
 DP_DEFAULT_MAX_NODES = 64
@@ -125,12 +127,34 @@ class JobPrivacy:
         return cls(by_kind.get("record_level"), by_kind.get("participant_level"), skellam)
 
 
+def releases_per_round(spec: JobSpec) -> int:
+    """How many Skellam sums one participant's update enters per round.
+
+    One (the training sum), or ``max_nodes`` under ``valuation.mode = "secure"``: the
+    training sum plus the leave-one-out sum of every other roster node (a round has at
+    most ``max_nodes`` nodes, and a node's own leave-one-out sum holds only noise).
+    """
+    if spec.valuation.mode == "secure":
+        return dp_max_nodes(spec)
+    return 1
+
+
+def participant_releases(spec: JobSpec) -> int:
+    """Skellam releases the participant-level accountant composes for the whole job."""
+    return spec.federation.rounds * releases_per_round(spec)
+
+
 def participant_plan(spec: JobSpec, num_params: int) -> tuple[Guarantee, SkellamPlan]:
-    """The participant-level plan every party computes alike from the spec and model size."""
+    """The participant-level plan every party computes alike from the spec and model size.
+
+    The guarantee's ``rounds`` is the number of composed releases
+    (:func:`participant_releases`): the job's rounds, times ``max_nodes`` when a secure
+    valuation rides along.
+    """
     level = spec.privacy.participant_level
     if level is None:
         raise ValueError("the job has no participant-level privacy")
-    rounds = spec.federation.rounds
+    rounds = participant_releases(spec)
     m = min_contributors(spec)
     n_max = dp_max_nodes(spec)
     if level.epsilon > 0:

@@ -685,8 +685,19 @@ def encode_update(
     return out, {"norm": norm, "clipped": bool(norm > plan.clip)}
 
 
-def decode_sum(total: ArrayLike, num_contributors: int, plan: SkellamPlan) -> NDArray[np.float32]:
+def decode_sum(
+    total: ArrayLike,
+    num_contributors: int,
+    plan: SkellamPlan,
+    *,
+    noise_shares: int | None = None,
+) -> NDArray[np.float32]:
     """The mean update ``total / (γ · s)`` from the signed integer sum of ``s`` encodings.
+
+    ``noise_shares`` (default ``s``) is how many encodings the sum holds when some
+    carry noise only (a leave-one-out coalition sum: every survivor noises every
+    segment, the left-out node adds a zero update); the noise and range checks use it,
+    the mean divides by the ``s`` members.
 
     Uniform weights (every contributor counts 1/s, not by its sample count): the
     guarantee bounds what *one participant* can change in the sum, ``Δ2 = γC + sqrt(d)``.
@@ -702,16 +713,18 @@ def decode_sum(total: ArrayLike, num_contributors: int, plan: SkellamPlan) -> ND
     arr = arr.astype(np.int64).reshape(-1)
     if arr.size != plan.num_params:
         raise ValueError(f"the sum has {arr.size} values, the plan is for {plan.num_params}")
-    if not _is_int(num_contributors) or not 1 <= num_contributors <= plan.max_nodes:
-        raise ValueError(f"num_contributors {num_contributors!r} outside [1, {plan.max_nodes}]")
-    if num_contributors < plan.min_contributors:
+    shares = num_contributors if noise_shares is None else noise_shares
+    if not _is_int(shares) or not 1 <= shares <= plan.max_nodes:
+        raise ValueError(f"noise_shares {shares!r} outside [1, {plan.max_nodes}]")
+    if not _is_int(num_contributors) or not 1 <= num_contributors <= shares:
+        raise ValueError(f"num_contributors {num_contributors!r} outside [1, {shares}]")
+    if shares < plan.min_contributors:
         raise ValueError(
-            f"{num_contributors} contributions carry less noise than the plan's "
+            f"{shares} contributions carry less noise than the plan's "
             f"{plan.min_contributors}; this sum is not covered by the guarantee"
         )
-    if arr.size and int(np.max(np.abs(arr))) > num_contributors * plan.node_bound:
+    if arr.size and int(np.max(np.abs(arr))) > shares * plan.node_bound:
         raise ValueError(
-            f"the sum exceeds {num_contributors} x node_bound: wrong contributor count or a "
-            "corrupt aggregate"
+            f"the sum exceeds {shares} x node_bound: wrong contributor count or a corrupt aggregate"
         )
     return (arr.astype(np.float64) / (plan.scale * num_contributors)).astype(np.float32)
