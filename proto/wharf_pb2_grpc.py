@@ -483,7 +483,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetValuation(self, request, context):
-        """Operators: a valuation.mode = "clear" job's per-round updates (one safetensors file).
+        """Operators: a valuation job's material (one safetensors file): per-round updates for
+        valuation.mode = "clear", DP-noised coalition means for "secure".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -164,7 +164,7 @@ class Client:
         return pb.BlobRef(sha256=sha, size=dest.stat().st_size)
 
     def download_valuation(self, job_id: str, dest: str | Path) -> Path:
-        """Download a clear-text valuation file (operators; ``valuation.mode = "clear"``)."""
+        """Download a job's valuation file (operators; ``valuation.mode`` clear or secure)."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         chunks = self._stub.GetValuation(
