@@ -226,3 +226,27 @@ def test_secure_scores_rank_a_noise_node_last(tmp_path: Path) -> None:
         load_rounds(path, spec.job_hash())
     direct = secure_round_values(start, means, members, util)
     assert direct == pytest.approx(result.per_round[1])
+
+
+def test_clear_text_rounds_above_the_exact_limit_use_gtg_shapley(tmp_path: Path) -> None:
+    """17 nodes in a round: 2^17 coalitions is too many for exact Shapley, so the round
+    is estimated with GTG-Shapley; the node pushing the model the wrong way is last."""
+    from wharf.valuation import clear_text_scores
+
+    x, y = _logreg_problem()
+    spec = _spec_for(5)
+    start = _start(spec)
+    good = _good_delta(start, x[:200], y[:200])
+    rng = np.random.default_rng(2)  # test data, not secret material
+    deltas = {
+        f"n{i:02d}": {k: v * (1 + 0.1 * rng.normal()) for k, v in good.items()}
+        for i in range(contribution.MAX_EXACT_PLAYERS)
+    }
+    deltas["wrong"] = {k: -3 * v for k, v in good.items()}
+    counts = dict.fromkeys(deltas, 10)
+    path = tmp_path / "valuation.safetensors"
+    _write(path, spec.job_hash(), {1: (start, deltas, counts)}, "clear")
+    result = clear_text_scores(path, spec, spec.job_hash(), x[300:], y[300:])
+    assert "GTG-Shapley" in result.method
+    assert min(result.scores, key=result.scores.__getitem__) == "wrong"
+    assert result.scores["wrong"] < 0 < min(v for k, v in result.scores.items() if k != "wrong")
