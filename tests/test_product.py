@@ -505,6 +505,29 @@ def test_registration_altered(made: Made, pki: Pki, tmp_path: Path) -> None:
     assert part == "registration of hospital-a" and "hash mismatch" in problem
 
 
+def test_certificate_altered(made: Made, pki: Pki, tmp_path: Path) -> None:
+    """The certificate a node's signature is checked with: one byte of it changed, or
+    replaced by another node's (re-signed by a dishonest operator both times)."""
+
+    def flip(p: dict[str, Any]) -> None:
+        env = p["participants"]["hospital-a"]["grant"]
+        lines = env["signer_cert_pem"].splitlines()
+        body = bytearray(lines[5].encode())
+        body[10] = ord("A") if body[10] != ord("A") else ord("B")
+        lines[5] = body.decode()
+        env["signer_cert_pem"] = "\n".join(lines) + "\n"
+
+    part, problem = failure(made, tampered(made, tmp_path, flip, resign=pki["admin"]))
+    assert part == "grant of hospital-a" and "not from the CA" in problem
+
+    def swap(p: dict[str, Any]) -> None:
+        env = p["participants"]["hospital-a"]["registration"]
+        env["signer_cert_pem"] = pki["hospital-b"].cert_pem.decode()
+
+    part, problem = failure(made, tampered(made, tmp_path, swap, resign=pki["admin"]))
+    assert part == "registration of hospital-a" and "signed by 'hospital-b'" in problem
+
+
 def test_revenue_table_altered(made: Made, pki: Pki, tmp_path: Path) -> None:
     def edit(p: dict[str, Any]) -> None:
         shares = p["revenue"]["shares"]
