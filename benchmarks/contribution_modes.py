@@ -54,7 +54,7 @@ strictly last, and the test accuracy of the final secure-job model.
 
 Usage (from the repository root)::
 
-    .venv/bin/python -m benchmarks.contribution_modes            # full, about 7 min on 2 cores
+    .venv/bin/python -m benchmarks.contribution_modes            # full, about 6 min on 2 cores
     .venv/bin/python -m benchmarks.contribution_modes --quick    # 3 rounds, no noise + eps 8
 
 The full run: the demo's 20 rounds; no noise (2 repeats: nothing varies), ε ∈ {1, 4, 8,
@@ -148,7 +148,7 @@ FULL = Config(
         *(Setting(f"z = {z:g}", noise_multiplier=z, extra=True) for z in (0.3, 0.1, 0.01)),
     ),
 )
-"""20 rounds as ``wharf demo``; 10 noise draws per ε (about 7 minutes on 2 cores)."""
+"""20 rounds as ``wharf demo``; 10 noise draws per ε (about 6 minutes on 2 cores)."""
 QUICK = Config(
     rounds=3,
     repeats=2,

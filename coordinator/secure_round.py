@@ -110,7 +110,10 @@ class SecureRound:
                 "plaintext mode supports only secure = false"
             )
         self.params = choose_params(len(roster), malicious=True)
-        self.layout = make_layout(self.params)
+        try:
+            self.layout = make_layout(self.params)
+        except ValueError as exc:  # e.g. a round larger than the DP plan was sized for
+            raise SecureRoundFailed(f"cannot lay out the secure vector: {exc}") from None
         self.server = SecAggServer(
             job_id=job_id,
             round_number=rnd,

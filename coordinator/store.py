@@ -109,11 +109,13 @@ job_privacy = sa.Table(
 valuation_updates = sa.Table(
     "valuation_updates",
     metadata,
-    # Consented clear-text valuation (valuation.mode = "clear"): each node's update per
-    # round and the model the round started from, kept as blobs for the operator.
+    # Valuation material, kept as blobs for the operator with the model the round
+    # started from. valuation.mode = "clear": each node's update (``node`` = the node,
+    # ``num_examples`` its examples); "secure": the noised coalition means (``node`` =
+    # "all" or "without.<node>", ``num_examples`` the coalition's member count).
     sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.job_id"), primary_key=True),
     sa.Column("round", sa.Integer, primary_key=True),
-    sa.Column("node", sa.String(64), primary_key=True),
+    sa.Column("node", sa.String(128), primary_key=True),
     sa.Column("start_model_sha", sa.String(64), nullable=False),
     sa.Column("delta_sha", sa.String(64), nullable=False),
     sa.Column("num_examples", sa.BigInteger, nullable=False),

@@ -674,6 +674,18 @@ def grant_show(job: JobArg, config: ConfigOpt = Path("node.toml")) -> None:
         f"{f.rounds} round(s), {f.strategy}, min {f.min_nodes} node(s), secure aggregation "
         + ("[green]on[/green]" if f.secure else "[red]off[/red]"),
     )
+    v = spec.valuation.mode
+    if v == "clear":
+        s.add_row(
+            "valuation",
+            "[red]clear[/red]: the coordinator keeps each of your updates for contribution scores",
+        )
+    elif v == "secure":
+        s.add_row(
+            "valuation",
+            "secure: each round also reveals DP-noised leave-one-out sums; the participant-level "
+            f"guarantee composes {f.rounds} rounds x max_nodes {f.max_nodes} releases",
+        )
     out.print("\n[bold]the job[/bold]")
     out.print(s)
 

@@ -270,7 +270,7 @@ class SecureSessions:
                         inputs = secure_vectors.dp_coalition_inputs(
                             flat, plan, client.roster, self.name
                         )
-                    except secure_vectors.VectorError as exc:
+                    except ValueError as exc:  # VectorError, or an update the plan refuses
                         raise SecureTaskError(str(exc)) from None
                 else:
                     layout = secure_vectors.dp_update_layout(client.params, plan)

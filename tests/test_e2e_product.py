@@ -188,3 +188,29 @@ def test_secure_mode_contribution_from_noised_coalition_sums(tmp_path: Path) -> 
     assert scores["hospital-c"] < min(scores["hospital-a"], scores["hospital-b"]), scores
     shares = passport["revenue"]["shares"]
     assert shares["hospital-c"] < min(shares["hospital-a"], shares["hospital-b"])
+
+    # A dishonest operator states the guarantee of the same noise over the job's 4
+    # rounds only (a smaller ε that recomputes fine) and signs again: the holders'
+    # grants carry the 12-release guarantee, so verification names the privacy part.
+    from wharf.identity import Identity, canonical_json
+    from wharf.product import sign_passport
+
+    stated = Guarantee.from_dict(passport["privacy"]["participant_level"])
+    fewer = Guarantee.for_participant_level(stated.skellam_plan(), 4, stated.delta)
+    assert fewer.epsilon < stated.epsilon
+    with zipfile.ZipFile(product) as src:
+        files = {i.filename: src.read(i) for i in src.infolist()}
+    edited = json.loads(files["passport.json"])
+    edited["privacy"]["participant_level"] = fewer.to_dict()
+    operator = Identity.load(cert, key, fed.ca_pem)
+    files["passport.json"] = canonical_json(edited)
+    files["passport.sig.json"] = canonical_json(sign_passport(edited, operator))
+    resigned = tmp_path / "fewer-releases.wharf"
+    with zipfile.ZipFile(resigned, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in files.items():
+            dst.writestr(name, data)
+    caught = wharf("product", "verify", str(resigned), "--ca", str(fed.ca_pem), cwd=tmp_path)
+    assert caught.returncode == 1
+    assert "participant-level guarantee is not the one hospital-a signed" in (
+        caught.stdout + caught.stderr
+    )

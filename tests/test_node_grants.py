@@ -378,6 +378,20 @@ def test_a_standing_rule_auto_approves_and_the_grant_binds_the_job(
     assert row is not None and row.outcome == "granted" and row.job_hash == spec.job_hash()
 
 
+def test_the_operator_sees_that_a_job_keeps_updates_for_valuation(
+    pki: Pki, config: Path, daemon: NodeDaemon, tmp_path: Path
+) -> None:
+    """Granting is consenting to the spec's valuation mode, so the review screen says it."""
+    path, ref = model_blob(tmp_path)
+    stub = StubCoordinator(pki, {ref.sha256: path})
+    clear = job_spec(valuation={"mode": "clear"})
+    daemon._handle(stub, offer_task("jobv3c1c", clear, requester="bob"))  # type: ignore[arg-type]
+    assert stub.decisions[0].outcome == "pending"
+    shown = cli(config, "grant", "show", "jobv")
+    assert shown.exit_code == 0, shown.output
+    assert "valuation" in shown.output and "contribution" in shown.output
+
+
 def test_pending_job_approved_by_the_operator_then_revoked_stops_the_next_task(
     pki: Pki, config: Path, daemon: NodeDaemon, reads: list[str], tmp_path: Path
 ) -> None:
@@ -394,6 +408,7 @@ def test_pending_job_approved_by_the_operator_then_revoked_stops_the_next_task(
     assert res.exit_code == 0, res.output
     for text in ("bob", "medical-research", "age (general), y (general)", "no code bundle"):
         assert text in res.output
+    assert "valuation" not in res.output  # the job keeps nothing for valuation
     # Nothing runs while the job is pending.
     daemon._handle(stub, train_task("job3b0b", spec, 1, ref))  # type: ignore[arg-type]
     assert "awaits the decision of the node's operator" in stub.uploads[-1][0].error

@@ -564,6 +564,21 @@ def test_dp_report_not_the_coordinators(made: Made, pki: Pki, tmp_path: Path) ->
     assert part == "privacy" and "differs from the coordinator's" in problem
 
 
+def test_participant_level_guarantee_not_in_any_grant(made: Made, pki: Pki, tmp_path: Path) -> None:
+    """A recomputable participant-level guarantee that no holder signed (here: the job's
+    grants carry record-level plans only) is refused, whatever the rest says."""
+    from wharf.algorithms.privacy.accounting import participant_level_guarantee
+    from wharf.algorithms.privacy.skellam import make_plan
+
+    invented = participant_level_guarantee(make_plan(1.0, 100, 2, 4, 2.0), 2, 1e-5)
+
+    def edit(p: dict[str, Any]) -> None:
+        p["privacy"]["participant_level"] = invented.to_dict()
+
+    part, problem = failure(made, tampered(made, tmp_path, edit, resign=pki["admin"]))
+    assert part == "privacy" and "no data holder signed into its grant" in problem, problem
+
+
 def test_spec_altered(made: Made, pki: Pki, tmp_path: Path) -> None:
     def edit(p: dict[str, Any]) -> None:
         p["job"]["spec"]["training"]["lr"] = 0.5

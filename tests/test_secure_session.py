@@ -177,13 +177,15 @@ def run_dp_round(
     drop: str | None = None,
     *,
     coalitions: bool = False,
+    node_plan: SkellamPlan | None = None,
 ) -> Any:
     """A participant-level DP round through SecureSessions; ``drop`` sends no masked input.
     Returns the coordinator's decoded mean update, or with ``coalitions`` (secure
     valuation) ``(decode_coalitions(...), raw integer sums)``."""
     from wharf.proto import secagg_pb2 as sa
 
-    privacy = JobPrivacy(None, None, plan)
+    # The nodes use their own signed plan (``node_plan``), whatever the coordinator uses.
+    privacy = JobPrivacy(None, None, node_plan or plan)
     params = choose_params(len(NAMES))
     if coalitions:
         layout = secure_vectors.dp_coalition_layout(params, plan, NAMES)
@@ -363,3 +365,28 @@ def test_secure_valuation_needs_a_participant_level_plan(
     task = _task(pb.TASK_TRAIN, 1, secure=True, weight_scale=ROW_CAP, secagg=b"")
     with pytest.raises(SecureTaskError, match="participant-level plan"):
         s.start(task, Future(), tmp_path, None, coalitions=True)
+
+
+def test_nodes_refuse_a_roster_larger_than_their_plan_pays_for(
+    identities: dict[str, Identity], tmp_path: Path
+) -> None:
+    """A coordinator that lays out three leave-one-out sums when the nodes' signed plan
+    pays for two releases a round gets no masked input, and nothing is released."""
+    rng = np.random.default_rng(7)
+    deltas = {n: {"w": rng.normal(0, 0.1, size=(4, 3)).astype(np.float32)} for n in NAMES}
+    coordinator_plan = make_plan(1.0, 12, 2, 8, 1e-3)
+    signed = make_plan(1.0, 12, 2, 2, 1e-3)  # max_nodes 2: two releases a round
+    sessions = {
+        n: SecureSessions(n, identities[n].signer().sign, identities[n].ca_pem) for n in NAMES
+    }
+    with pytest.raises(SecureTaskError, match="round of 3 nodes exceeds the 2"):
+        run_dp_round(
+            identities,
+            sessions,
+            tmp_path,
+            deltas,
+            coordinator_plan,
+            coalitions=True,
+            node_plan=signed,
+        )
+    assert all(sessions[n].releases.released_rounds("job-1") == [] for n in NAMES)

@@ -95,6 +95,11 @@ def test_decode_coalitions_checks_noise_shares_and_range() -> None:
     strict = make_plan(1.0, 6, 3, 4, 1e-3)
     with pytest.raises(ValueError, match="less noise"):
         secure_vectors.decode_coalitions(sums, ["a", "b"], "abc", strict)
+    # A leave-one-out sum is judged by its noise shares (every contributor's), not its
+    # members: two members with three shares is fine, two shares are not.
+    skellam.decode_sum(sums["without.a"], 2, strict, noise_shares=3)
+    with pytest.raises(ValueError, match="2 contributions carry less noise"):
+        skellam.decode_sum(sums["without.a"], 2, strict, noise_shares=2)
     with pytest.raises(ValueError, match="exceeds"):
         bad = dict(sums, **{"without.a": sums["without.a"] + 10 * plan.node_bound})
         secure_vectors.decode_coalitions(bad, list("abc"), "abc", plan)
@@ -120,9 +125,13 @@ def _logreg_problem() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _spec_for(n_features: int) -> spec_mod.JobSpec:
+def _spec_for(n_features: int, mode: str = "secure") -> spec_mod.JobSpec:
     raw = _raw()
     raw["model"]["input_shape"] = [n_features]
+    if mode == "clear":  # consented clear text: a plaintext job without DP
+        raw["federation"]["secure"] = False
+        raw["valuation"] = {"mode": "clear"}
+        del raw["privacy"]
     return spec_mod.from_dict(raw)
 
 
@@ -234,7 +243,7 @@ def test_clear_text_rounds_above_the_exact_limit_use_gtg_shapley(tmp_path: Path)
     from wharf.valuation import clear_text_scores
 
     x, y = _logreg_problem()
-    spec = _spec_for(5)
+    spec = _spec_for(5, "clear")
     start = _start(spec)
     good = _good_delta(start, x[:200], y[:200])
     rng = np.random.default_rng(2)  # test data, not secret material

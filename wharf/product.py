@@ -1616,6 +1616,35 @@ class _Verifier:
                 )
 
     # -- 7. privacy -------------------------------------------------------------------
+    def _participant_level_signed(self, stated: Any) -> None:
+        """The stated participant-level guarantee must be the one every data holder with
+        such a plan signed into its grant: its ε alone recomputes from whatever mechanism
+        it claims (for example fewer composed releases than secure valuation needs)."""
+        from wharf.algorithms.privacy.accounting import Guarantee
+
+        signed = 0
+        for node in sorted(self.grants):
+            plan = self.grants[node].protections.dp_plan or {}
+            for raw in plan.get("guarantees", []):
+                if not (isinstance(raw, dict) and raw.get("kind") == "participant_level"):
+                    continue
+                try:
+                    same = Guarantee.from_dict(raw).to_dict() == stated.to_dict()
+                except ValueError:
+                    same = False
+                if not same:
+                    _fail(
+                        "privacy",
+                        "the participant-level guarantee is not the one "
+                        f"{node} signed into its grant",
+                    )
+                signed += 1
+        if not signed:
+            _fail(
+                "privacy",
+                "states a participant-level guarantee that no data holder signed into its grant",
+            )
+
     def privacy(self) -> None:
         self.part = part = "privacy"
         report = self.p["privacy"]
@@ -1660,7 +1689,10 @@ class _Verifier:
             return g
 
         if report["participant_level"] is not None:
-            recomputed(report["participant_level"], "participant_level", "participant-level")
+            g = recomputed(report["participant_level"], "participant_level", "participant-level")
+            self._participant_level_signed(g)
+        elif self.spec.privacy.participant_level is not None:
+            _fail(part, "the spec asks for participant-level DP but no such guarantee is stated")
         record = _obj(report["record_level"], part, "record_level")
         for node in sorted(record):
             g = recomputed(record[node], "record_level", f"record-level ({node})")
