@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from wharf.algorithms.models import arrays_to_model
-from wharf.algorithms.strategies import FedAvg, average_from_sum
+from wharf.algorithms.strategies import FedAvg, average_from_sum, check_same
 from wharf.algorithms.training import evaluate
 
 __all__ = [
@@ -408,23 +408,6 @@ def gtg_shapley(
 # --------------------------------------------------------------------------- coalition models
 
 
-def _check_update(
-    global_weights: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], what: str
-) -> None:
-    if set(update) != set(global_weights):
-        missing = sorted(set(global_weights) - set(update))
-        extra = sorted(set(update) - set(global_weights))
-        raise ValueError(f"{what} does not match the model: missing {missing}, unexpected {extra}")
-    for name, arr in update.items():
-        if np.shape(arr) != np.shape(global_weights[name]):
-            raise ValueError(
-                f"{what}: tensor {name!r} has shape {np.shape(arr)}, "
-                f"expected {np.shape(global_weights[name])}"
-            )
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{what}: tensor {name!r} contains NaN or infinite values")
-
-
 def _fedavg_step(
     global_weights: Mapping[str, np.ndarray], avg_delta: Mapping[str, np.ndarray]
 ) -> Weights:
@@ -466,7 +449,7 @@ def coalition_model(
         if w <= 0:
             raise ValueError(f"weight of {member!r} must be positive, got {w}")
         update = deltas[member]
-        _check_update(global_weights, update, f"update of {member!r}")
+        check_same(global_weights, update, f"update of {member!r}")
         for name in summed:
             summed[name] += w * np.asarray(update[name], dtype=np.float64)
         total += w
@@ -487,7 +470,7 @@ def coalition_from_sum(
     exact sums both give the same model. For the empty coalition use the global
     weights (there is no sum to divide).
     """
-    _check_update(global_weights, delta_sum, "coalition sum")
+    check_same(global_weights, delta_sum, "coalition sum")
     if not _is_real(count) or not (math.isfinite(count) and count > 0):
         raise ValueError(f"count must be a positive number, got {count!r}")
     return _fedavg_step(global_weights, average_from_sum(delta_sum, float(count)))

@@ -50,9 +50,12 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedad
 DEFAULT_FROZEN: tuple[str, ...] = ("*.mean", "*.std", "mean", "std", "*num_batches_tracked")
 
 
-def _check_same(
+def check_same(
     reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str
 ) -> None:
+    """``other`` has exactly ``reference``'s tensors, shapes, and only finite values
+    (ValueError naming ``what`` otherwise): the check every update, average and
+    coalition sum must pass before it is added to a model."""
     if set(reference) != set(other):
         missing = sorted(set(reference) - set(other))
         extra = sorted(set(other) - set(reference))
@@ -80,7 +83,7 @@ def weighted_average(deltas: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> 
     for i, (delta, n) in enumerate(deltas):
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
             raise ValueError(f"delta {i}: example count must be a positive int, got {n!r}")
-        _check_same(reference, delta, f"delta {i}")
+        check_same(reference, delta, f"delta {i}")
         for name, arr in delta.items():
             sums[name] += np.asarray(arr, dtype=np.float64) * int(n)
         total += int(n)
@@ -134,8 +137,8 @@ class _Base:
     ) -> None:
         if round_index < 0:
             raise ValueError(f"round_index must be >= 0, got {round_index}")
-        _check_same(global_weights, global_weights, "global weights")
-        _check_same(global_weights, avg_delta, "average delta")
+        check_same(global_weights, global_weights, "global weights")
+        check_same(global_weights, avg_delta, "average delta")
 
 
 class FedAvg(_Base):

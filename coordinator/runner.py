@@ -772,13 +772,16 @@ class JobRunner(threading.Thread):
                         f"participant-level noise needs {plan.min_contributors}"
                     )
                 total = len(outcome.contributors)
-                mean = skellam.decode_sum(
-                    np.asarray(outcome.sums["update"], dtype=np.int64), total, plan
-                )
                 metric_sums: dict[str, float] = {}
                 if coalitions:
+                    # Decodes the training sum ("all") along with the leave-one-out sums.
                     means = secure_vectors.decode_coalitions(
                         outcome.sums, outcome.contributors, roster, plan
+                    )
+                    mean = means[secure_vectors.ALL_COALITION][0]
+                else:
+                    mean = skellam.decode_sum(
+                        np.asarray(outcome.sums["update"], dtype=np.int64), total, plan
                     )
             else:
                 mean, total, metric_sums = secure_vectors.decode_update(outcome.sums, row_cap)

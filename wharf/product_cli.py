@@ -197,17 +197,29 @@ def show_command(
         out.print(f"model card written to {markdown}", markup=False)
 
 
+# Options both packaging commands take, declared once.
+OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="The product file to write.")]
+LicenceOpt = Annotated[str, typer.Option("--licence", help="Licence terms, as text.")]
+PriceOpt = Annotated[int, typer.Option("--price", help="Price in minor units (e.g. cents).")]
+CurrencyOpt = Annotated[str, typer.Option("--currency", help="ISO 4217 code, e.g. EUR.")]
+FloorOpt = Annotated[float, typer.Option("--floor", help="Fraction of the price shared equally.")]
+UsageWeightOpt = Annotated[
+    float, typer.Option("--usage-weight", help="Weight of measured usage in the split.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")]
+
+
 @product_app.command("package-dossier")
 def package_dossier_command(
     dossier: Annotated[Path, typer.Argument(help="The job's dossier (JSON) from the coordinator.")],
     weights: Annotated[Path, typer.Option("--weights", help="The job's model.safetensors.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The product file to write.")],
+    output: OutputOpt,
     cert: Annotated[Path, typer.Option("--cert", help="Operator certificate (PEM).")],
     key: Annotated[Path, typer.Option("--key", help="Operator private key (PEM).")],
     ca: Annotated[Path, typer.Option("--ca", help="The deployment CA certificate (ca.pem).")],
-    licence: Annotated[str, typer.Option("--licence", help="Licence terms, as text.")],
-    price: Annotated[int, typer.Option("--price", help="Price in minor units (e.g. cents).")],
-    currency: Annotated[str, typer.Option("--currency", help="ISO 4217 code, e.g. EUR.")],
+    licence: LicenceOpt,
+    price: PriceOpt,
+    currency: CurrencyOpt,
     contribution: Annotated[
         Path | None,
         typer.Option(
@@ -219,16 +231,12 @@ def package_dossier_command(
     contribution_method: Annotated[
         str, typer.Option("--contribution-method", help="How the scores were computed.")
     ] = "",
-    floor: Annotated[
-        float, typer.Option("--floor", help="Fraction of the price shared equally.")
-    ] = 0.05,
-    usage_weight: Annotated[
-        float, typer.Option("--usage-weight", help="Weight of measured usage in the split.")
-    ] = 0.2,
+    floor: FloorOpt = 0.05,
+    usage_weight: UsageWeightOpt = 0.2,
     revenue: Annotated[
         bool, typer.Option("--revenue/--no-revenue", help="State a revenue split.")
     ] = True,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Package a product from a dossier file: passport, operator signature, weights."""
     try:
@@ -257,10 +265,10 @@ def package_dossier_command(
 @product_app.command("package")
 def package_command(
     job_id: Annotated[str, typer.Argument(help="The completed job to package.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The product file to write.")],
-    licence: Annotated[str, typer.Option("--licence", help="Licence terms, as text.")],
-    price: Annotated[int, typer.Option("--price", help="Price in minor units (e.g. cents).")],
-    currency: Annotated[str, typer.Option("--currency", help="ISO 4217 code, e.g. EUR.")],
+    output: OutputOpt,
+    licence: LicenceOpt,
+    price: PriceOpt,
+    currency: CurrencyOpt,
     validation: Annotated[
         Path | None,
         typer.Option(
@@ -275,13 +283,9 @@ def package_command(
         Path | None,
         typer.Option("--contribution", help="Scores JSON instead of computing them."),
     ] = None,
-    floor: Annotated[
-        float, typer.Option("--floor", help="Fraction of the price shared equally.")
-    ] = 0.05,
-    usage_weight: Annotated[
-        float, typer.Option("--usage-weight", help="Weight of measured usage in the split.")
-    ] = 0.2,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    floor: FloorOpt = 0.05,
+    usage_weight: UsageWeightOpt = 0.2,
+    force: ForceOpt = False,
     coordinator: Annotated[
         str, typer.Option(envvar="WHARF_COORDINATOR", help="Coordinator address.")
     ] = "127.0.0.1:7443",
